@@ -1,0 +1,13 @@
+"""tokenmerge: training-free token merging for diffusers pipelines.
+
+>>> import tokenmerge as tm
+>>> tm.apply(pipe, tm.ToMA(ratio=0.5))
+>>> tm.remove(pipe)
+"""
+
+from tokenmerge.methods.base import Method
+from tokenmerge.methods.toma import ToMA
+from tokenmerge.patch import apply, remove, reset
+
+__all__ = ["Method", "ToMA", "apply", "remove", "reset"]
+__version__ = "0.1.0"

@@ -1,0 +1,170 @@
+"""Built-in denoiser architectures (real sizes, random weights) and tiny pipelines for tests and smoke runs.
+
+Real-size configs mirror the published SD 1.5 and SDXL UNets: what latency and FLOP measurements need, without weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+UNET_CONFIGS: dict[str, dict[str, Any]] = {
+    "sd15": dict(
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    ),
+    "sdxl": dict(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    ),
+    # Tiny layouts for tests: "tiny-sd15" has attention at the full latent resolution (like SD 1.5),
+    # "tiny-sdxl" has none there and a text_time embedding (like SDXL).
+    "tiny-sd15": dict(
+        sample_size=16,
+        block_out_channels=(32, 32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ),
+    "tiny-sdxl": dict(
+        sample_size=16,
+        block_out_channels=(32, 32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 2, 2),
+        attention_head_dim=(2, 4, 8),
+        cross_attention_dim=64,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,
+        norm_num_groups=8,
+    ),
+}
+
+
+def build_unet(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    """A ``UNet2DConditionModel`` of a built-in architecture with seeded random weights, in eval mode."""
+    from diffusers import UNet2DConditionModel
+
+    if name not in UNET_CONFIGS:
+        raise ValueError(f"unknown architecture {name!r}; choose from {', '.join(UNET_CONFIGS)}")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**UNET_CONFIGS[name]).eval()
+    return unet if dtype == torch.float32 else unet.to(dtype)
+
+
+def unet_inputs(unet: torch.nn.Module, batch: int, height: int, width: int, seed: int = 0) -> dict[str, Any]:
+    """Random keyword inputs for one UNet call on a ``height x width`` latent (text_time extras included)."""
+    cfg = unet.config
+    g = torch.Generator().manual_seed(seed)
+    dtype = unet.dtype
+    text_dim = cfg.cross_attention_dim
+    inputs: dict[str, Any] = dict(
+        sample=torch.randn(batch, cfg.in_channels, height, width, generator=g).to(dtype),
+        timestep=torch.tensor(500),
+        encoder_hidden_states=torch.randn(batch, 77, text_dim, generator=g).to(dtype),
+    )
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = dict(
+            text_embeds=torch.randn(batch, pooled, generator=g).to(dtype),
+            time_ids=torch.tensor([[height * 8, width * 8, 0, 0, height * 8, width * 8]] * batch).to(dtype),
+        )
+    return inputs
+
+
+def _tiny_tokenizer(max_length: int = 77) -> Any:
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def _tiny_text_encoder(hidden: int, projection: int | None = None, seed: int = 0) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=projection or hidden,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def _tiny_vae(seed: int = 0) -> Any:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+    ).eval()
+
+
+def tiny_pipeline(name: str) -> Any:
+    """A complete tiny pipeline (random weights, in-memory tokenizer, VAE scale factor 2) of ``tiny-sd15`` or
+    ``tiny-sdxl`` layout; runs the stock ``pipe(prompt, ...)`` in well under a second on a CPU."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    scheduler = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1
+    )
+    unet = build_unet(name)
+    if name == "tiny-sd15":
+        return StableDiffusionPipeline(
+            vae=_tiny_vae(),
+            text_encoder=_tiny_text_encoder(32),
+            tokenizer=_tiny_tokenizer(),
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    if name == "tiny-sdxl":
+        return StableDiffusionXLPipeline(
+            vae=_tiny_vae(),
+            text_encoder=_tiny_text_encoder(32),
+            text_encoder_2=_tiny_text_encoder(32, projection=32, seed=1),
+            tokenizer=_tiny_tokenizer(),
+            tokenizer_2=_tiny_tokenizer(),
+            unet=unet,
+            scheduler=scheduler,
+        )
+    raise ValueError(f"no tiny pipeline {name!r}; choose tiny-sd15 or tiny-sdxl")

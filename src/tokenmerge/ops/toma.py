@@ -1,0 +1,103 @@
+"""ToMA merge and unmerge as dense, attention-like matrices over tiles.
+
+Per tile of ``s`` tokens with ``k`` destinations ``D``:
+``A = softmax_over_destinations(tau * D_hat @ X_hat^T)`` (``k x s``, columns sum to 1), with each destination's own
+column forced one-hot; merge ``Y = M @ X`` with ``M = A / rowsum(A)``; unmerge ``X' = A^T @ Y'``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tokenmerge.ops.select import cosine_similarity, facility_location
+from tokenmerge.ops.tiles import TileGrid
+
+
+def keep_count(tile_size: int, ratio: float) -> int:
+    """Destinations kept in a tile of ``tile_size`` tokens when a fraction ``ratio`` is removed (at least 1)."""
+    return max(1, min(tile_size, round((1.0 - ratio) * tile_size)))
+
+
+def select_destinations(tiles: torch.Tensor, k: int) -> torch.Tensor:
+    """``(B, T, s, C)`` tokens -> ``(B, T, k)`` tile-local destination indices (facility location per tile/sample)."""
+    return facility_location(cosine_similarity(tiles), k)
+
+
+def merge_weights(tiles: torch.Tensor, dest: torch.Tensor, tau: float) -> torch.Tensor:
+    """Assignment ``A`` of shape ``(B, T, k, s)`` in float32: softmax over destinations of cosine similarity times
+    ``tau``, destination columns one-hot. Every column sums to 1 and every row to at least 1."""
+    xn = F.normalize(tiles.float(), dim=-1, eps=1e-6)
+    dn = torch.gather(xn, 2, dest.unsqueeze(-1).expand(*dest.shape, xn.shape[-1]))
+    assign = torch.softmax(tau * (dn @ xn.transpose(-1, -2)), dim=-2)
+    own = F.one_hot(dest, tiles.shape[2]).to(assign.dtype)
+    return torch.where(own.sum(-2, keepdim=True) > 0, own, assign)
+
+
+@dataclass
+class TileMerge:
+    """A ToMA merge over a :class:`TileGrid`: per region, merge ``(B, T, k, s)`` and unmerge ``(B, T, s, k)``.
+
+    ``dest`` holds the grid index of every merged token, ``(B, K)`` in merged order, for position lookups
+    (rotary embeddings take the destination's position).
+    """
+
+    grid: TileGrid
+    merge_mats: list[torch.Tensor]
+    unmerge_mats: list[torch.Tensor]
+    dest: torch.Tensor
+
+    @classmethod
+    def from_assignment(
+        cls, grid: TileGrid, assign: list[torch.Tensor], dest: list[torch.Tensor], dtype: torch.dtype
+    ) -> TileMerge:
+        """Build from per-region assignments ``A`` and tile-local destinations; matrices are stored in ``dtype``."""
+        slots = grid.token_index(dest[0].device)
+        dest_global = torch.cat(
+            [torch.gather(s.expand(d.shape[0], -1, -1), 2, d).flatten(1) for s, d in zip(slots, dest, strict=True)],
+            1,
+        )
+        return cls(
+            grid,
+            [(a / a.sum(-1, keepdim=True)).to(dtype) for a in assign],
+            [a.transpose(-1, -2).to(dtype) for a in assign],
+            dest_global,
+        )
+
+    @property
+    def num_merged(self) -> int:
+        return self.dest.shape[1]
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, N, C) -> (B, K, C)``: each destination becomes the weighted mean of its sources."""
+        parts = [(m @ t).flatten(1, 2) for m, t in zip(self.merge_mats, self.grid.fold(x), strict=True)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
+        """``(B, K, C) -> (B, N, C)``: each token becomes the convex mix ``A^T`` of destination outputs."""
+        sizes = [u.shape[1] * u.shape[3] for u in self.unmerge_mats]
+        tiles = [
+            u @ part.unflatten(1, (u.shape[1], u.shape[3]))
+            for u, part in zip(self.unmerge_mats, y.split(sizes, 1), strict=True)
+        ]
+        return self.grid.unfold(tiles)
+
+
+def toma_merge(
+    x: torch.Tensor,
+    grid: TileGrid,
+    ratio: float,
+    tau: float = 1000.0,
+    dest: list[torch.Tensor] | None = None,
+) -> tuple[TileMerge, list[torch.Tensor]]:
+    """Build the ToMA merge of ``x`` ``(B, N, C)`` on ``grid``; reuses tile-local ``dest`` if given.
+
+    Returns the merge and the tile-local destinations (one ``(B, T_r, k_r)`` tensor per region) for later reuse.
+    """
+    tiles = grid.fold(x)
+    if dest is None:
+        dest = [select_destinations(t, keep_count(t.shape[2], ratio)) for t in tiles]
+    assign = [merge_weights(t, d, tau) for t, d in zip(tiles, dest, strict=True)]
+    return TileMerge.from_assignment(grid, assign, dest, x.dtype), dest

@@ -1,0 +1,173 @@
+"""``apply`` / ``remove``: install a method on a pipeline or denoiser with removable torch hooks.
+
+Hooks, not subclasses or processor swaps: the model's own attention processor (and so diffusers' attention
+backend dispatch) runs unchanged, on fewer tokens. Per denoiser call a pre-hook tracks the denoising step; per block a
+pre-hook plans the merge from the block's input; per merged sub-module a pre-hook merges its input and a post-hook
+unmerges its output before the residual add.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from tokenmerge.adapters.base import Adapter, Site
+from tokenmerge.adapters.unet import UNetAdapter
+from tokenmerge.methods.base import Method, Plan
+
+_ATTR = "_tokenmerge"
+ADAPTERS: dict[str, type[Adapter]] = {"UNet2DConditionModel": UNetAdapter}
+
+
+def find_denoiser(obj: Any) -> nn.Module:
+    """The denoiser of a diffusers pipeline (``unet`` or ``transformer``), or ``obj`` itself if it is a module."""
+    if isinstance(obj, nn.Module):
+        return obj
+    for name in ("unet", "transformer"):
+        module = getattr(obj, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(f"{type(obj).__name__} is neither a torch module nor a pipeline with a unet or transformer")
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    for cls in type(model).__mro__:
+        if cls.__name__ in ADAPTERS:
+            return ADAPTERS[cls.__name__](model)
+    raise ValueError(f"unsupported model {type(model).__name__}; supported: {', '.join(sorted(ADAPTERS))}")
+
+
+class MergeState:
+    """Everything ``apply`` installed on one denoiser, and the per-generation state it tracks."""
+
+    def __init__(self, method: Method, adapter: Adapter, scheduler: Any | None) -> None:
+        self.method = method
+        self.adapter = adapter
+        self.scheduler = scheduler
+        self.sites = [s for s in adapter.sites() if s.downsample <= method.max_downsample]
+        self.handles: list[RemovableHandle] = []
+        self.reset_state()
+
+    def reset_state(self) -> None:
+        """Forget the step count and every cached plan: the next call starts a new generation."""
+        self.new_generation = True
+        self.key: tuple[int, ...] | None = None
+        self.timestep = 0.0
+        self.step = 0
+        self.active = False
+        self.caches: dict[str, dict[str, Any]] = {}
+        self.plans: dict[int, Plan | None] = {}
+
+    def begin_call(self, key: tuple[int, ...], timestep: float) -> None:
+        """Advance the step on a new timestep; start a new generation on a reset, a new input shape (batch size
+        or resolution) or a rising timestep. Repeated calls at one timestep (separate guidance passes) share a step."""
+        if self.new_generation or key != self.key or timestep > self.timestep:
+            self.caches.clear()
+            self.step = 0
+            self.new_generation = False
+        elif timestep != self.timestep:
+            self.step += 1
+        self.key, self.timestep = key, timestep
+        self.active = self.method.active(self.step)
+
+    def install(self) -> None:
+        model = self.adapter.model
+        self.handles.append(model.register_forward_pre_hook(self._on_call, with_kwargs=True))
+        self.handles += self.adapter.install_grid_hooks(self.sites)
+        for site in self.sites:
+            self.handles.append(site.block.register_forward_pre_hook(self._plan_hook(site), with_kwargs=True))
+            for role in self.method.roles & site.modules.keys():
+                pre, post = self._merge_hooks(site)
+                module = site.modules[role]
+                self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+                self.handles.append(module.register_forward_hook(post, with_kwargs=True))
+        if self.scheduler is not None and hasattr(self.scheduler, "set_timesteps"):
+            original = self.scheduler.set_timesteps
+
+            @functools.wraps(original)
+            def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+                self.new_generation = True
+                return original(*args, **kwargs)
+
+            set_timesteps.__tokenmerge__ = True
+            self.scheduler.set_timesteps = set_timesteps
+
+    def uninstall(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        if self.scheduler is not None and getattr(vars(self.scheduler).get("set_timesteps"), "__tokenmerge__", False):
+            del self.scheduler.set_timesteps
+        self.reset_state()
+
+    def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.begin_call(*self.adapter.call_key(args, kwargs))
+
+    def _plan_hook(self, site: Site):
+        def plan(block: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else kwargs["hidden_states"]
+            hw = site.grid.hw
+            ok = self.active and hw is not None and x.ndim == 3 and hw[0] * hw[1] == x.shape[1]
+            cache = self.caches.setdefault(site.group, {})
+            self.plans[id(site)] = self.method.plan(x, hw, cache, self.step) if ok else None
+
+        return plan
+
+    def _merge_hooks(self, site: Site):
+        stack: list[Plan | None] = []  # the pre-hook's decision, for the matching post-hook
+
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            plan = self.plans.get(id(site))
+            x = args[0] if args else kwargs.get("hidden_states")
+            if plan is None or not isinstance(x, torch.Tensor) or x.shape[1] != site.grid.hw[0] * site.grid.hw[1]:
+                stack.append(None)
+                return None
+            stack.append(plan)
+            if args:
+                return (plan.merge(x), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": plan.merge(x)}
+
+        def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            plan = stack.pop() if stack else None
+            return None if plan is None else plan.unmerge(output)
+
+        return pre, post
+
+
+def apply(obj: Any, method: Method) -> Any:
+    """Patch a diffusers pipeline (or its denoiser module) in place with ``method``; returns ``obj``.
+
+    Applying again replaces the previous patch. A method that changes nothing (ratio 0) leaves the model unpatched.
+    """
+    if not isinstance(method, Method):
+        raise ValueError(f"expected a tokenmerge method such as tm.ToMA(...), got {type(method).__name__}")
+    model = find_denoiser(obj)
+    adapter = adapter_for(model)
+    remove(obj)
+    if method.is_identity:
+        return obj
+    state = MergeState(method, adapter, None if obj is model else getattr(obj, "scheduler", None))
+    state.install()
+    setattr(model, _ATTR, state)
+    return obj
+
+
+def remove(obj: Any) -> Any:
+    """Undo :func:`apply`: every hook and wrapper removed, the model exactly as it was. No-op if not patched."""
+    model = find_denoiser(obj)
+    state = vars(model).get(_ATTR)
+    if state is not None:
+        state.uninstall()
+        delattr(model, _ATTR)
+    return obj
+
+
+def reset(obj: Any) -> None:
+    """Start a new generation at the next call (pipelines do this themselves; for direct denoiser loops)."""
+    state = vars(find_denoiser(obj)).get(_ATTR)
+    if state is not None:
+        state.reset_state()
