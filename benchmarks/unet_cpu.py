@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-tomesd", action="store_true")
+    parser.add_argument("--configs", nargs="+", help="run only these configurations (baseline is always run)")
     parser.add_argument("--out", type=Path, default=Path("unet_cpu.json"))
     args = parser.parse_args()
     if args.rounds < 1:
@@ -65,6 +66,11 @@ def main() -> None:
     inputs = unet_inputs(unet, args.batch, args.size, args.size)
     sample, timestep = inputs.pop("sample"), inputs.pop("timestep")  # positional: tomesd's hook needs them so
     configs = configurations(not args.no_tomesd)
+    if args.configs:
+        unknown = set(args.configs) - configs.keys()
+        if unknown:
+            parser.error(f"unknown configurations {sorted(unknown)}; choose from {sorted(configs)}")
+        configs = {k: v for k, v in configs.items() if k == "baseline" or k in args.configs}
 
     def forward() -> torch.Tensor:
         tm.reset(unet)  # every timed call plans from scratch: the worst case for ToMA's overhead

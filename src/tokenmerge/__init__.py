@@ -6,8 +6,11 @@
 """
 
 from tokenmerge.methods.base import Method
+from tokenmerge.methods.catome import CAToMe
+from tokenmerge.methods.todo import ToDo
 from tokenmerge.methods.toma import ToMA
+from tokenmerge.methods.tomesd import ToMeSD
 from tokenmerge.patch import apply, remove, reset
 
-__all__ = ["Method", "ToMA", "apply", "remove", "reset"]
+__all__ = ["CAToMe", "Method", "ToDo", "ToMA", "ToMeSD", "apply", "remove", "reset"]
 __version__ = "0.1.0"

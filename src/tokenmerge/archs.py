@@ -124,7 +124,7 @@ def _tiny_text_encoder(hidden: int, projection: int | None = None, seed: int = 0
     return cls(config).eval()
 
 
-def _tiny_vae(seed: int = 0) -> Any:
+def _tiny_vae(seed: int = 0, **kwargs: Any) -> Any:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -134,13 +134,105 @@ def _tiny_vae(seed: int = 0) -> Any:
         up_block_types=("UpDecoderBlock2D",) * 2,
         latent_channels=4,
         norm_num_groups=8,
+        **kwargs,
     ).eval()
 
 
+def _tiny_t5_tokenizer(max_length: int = 32) -> Any:
+    """A character-level T5 (unigram) tokenizer built in memory."""
+    from transformers import T5TokenizerFast
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in letters] + [("\u2581" + c, -2.5) for c in letters]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def _tiny_t5_encoder(hidden: int, seed: int = 0) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=64,
+        d_model=hidden,
+        d_kv=8,
+        d_ff=2 * hidden,
+        num_layers=2,
+        num_heads=2,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    torch.manual_seed(seed)
+    return T5EncoderModel(config).eval()
+
+
+#: Tiny diffusion-transformer configs (random weights) for tests: Flux (packed 2x2 latents, rotary), SD3.5-like (block
+#: 0 has the extra self-attention ``attn2``, RMS qk-norm) and PixArt-alpha (``ada_norm_single``, learned sigma).
+DIT_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiny-flux": dict(
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ),
+    "tiny-sd3": dict(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+        pos_embed_max_size=32,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    ),
+    "tiny-pixart": dict(
+        sample_size=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        in_channels=4,
+        out_channels=8,
+        patch_size=2,
+        cross_attention_dim=16,
+        caption_channels=32,
+        norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000,
+    ),
+}
+
+
+def build_dit(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A Flux, SD3 or PixArt transformer of a built-in tiny config (``overrides`` change it) with seeded random
+    weights, in eval mode."""
+    from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+
+    classes = {"flux": FluxTransformer2DModel, "sd3": SD3Transformer2DModel, "pixart": PixArtTransformer2DModel}
+    if name not in DIT_CONFIGS:
+        raise ValueError(f"unknown architecture {name!r}; choose from {', '.join(DIT_CONFIGS)}")
+    torch.manual_seed(seed)
+    model = classes[name.removeprefix("tiny-")](**{**DIT_CONFIGS[name], **overrides}).eval()
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
 def tiny_pipeline(name: str) -> Any:
-    """A complete tiny pipeline (random weights, in-memory tokenizer, VAE scale factor 2) of ``tiny-sd15`` or
-    ``tiny-sdxl`` layout; runs the stock ``pipe(prompt, ...)`` in well under a second on a CPU."""
+    """A complete tiny pipeline (random weights, in-memory tokenizers, VAE scale factor 2) of ``tiny-sd15``,
+    ``tiny-sdxl``, ``tiny-flux``, ``tiny-sd3`` or ``tiny-pixart`` layout; runs the stock ``pipe(prompt, ...)`` in well
+    under a second on a CPU. Every module is in eval mode (T5 dropout would break determinism)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if name in DIT_CONFIGS:
+        return _tiny_dit_pipeline(name)
 
     scheduler = EulerDiscreteScheduler(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1
@@ -167,4 +259,45 @@ def tiny_pipeline(name: str) -> Any:
             unet=unet,
             scheduler=scheduler,
         )
-    raise ValueError(f"no tiny pipeline {name!r}; choose tiny-sd15 or tiny-sdxl")
+    raise ValueError(f"no tiny pipeline {name!r}; choose tiny-sd15, tiny-sdxl, {', '.join(DIT_CONFIGS)}")
+
+
+def _tiny_dit_pipeline(name: str) -> Any:
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        PixArtAlphaPipeline,
+        StableDiffusion3Pipeline,
+    )
+
+    transformer = build_dit(name)
+    if name == "tiny-flux":
+        return FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=_tiny_vae(),
+            text_encoder=_tiny_text_encoder(32),
+            tokenizer=_tiny_tokenizer(),
+            text_encoder_2=_tiny_t5_encoder(32),
+            tokenizer_2=_tiny_t5_tokenizer(),
+            transformer=transformer,
+        )
+    if name == "tiny-sd3":
+        return StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=_tiny_vae(),
+            text_encoder=_tiny_text_encoder(32, projection=32),
+            tokenizer=_tiny_tokenizer(),
+            text_encoder_2=_tiny_text_encoder(32, projection=32, seed=1),
+            tokenizer_2=_tiny_tokenizer(),
+            text_encoder_3=_tiny_t5_encoder(64),
+            tokenizer_3=_tiny_t5_tokenizer(),
+        )
+    return PixArtAlphaPipeline(
+        tokenizer=_tiny_t5_tokenizer(),
+        text_encoder=_tiny_t5_encoder(32),
+        vae=_tiny_vae(),
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )

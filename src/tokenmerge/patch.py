@@ -16,11 +16,18 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from tokenmerge.adapters.base import Adapter, Site
+from tokenmerge.adapters.dit import PixArtAdapter, SD3Adapter
+from tokenmerge.adapters.flux import FluxAdapter
 from tokenmerge.adapters.unet import UNetAdapter
 from tokenmerge.methods.base import Method, Plan
 
 _ATTR = "_tokenmerge"
-ADAPTERS: dict[str, type[Adapter]] = {"UNet2DConditionModel": UNetAdapter}
+ADAPTERS: dict[str, type[Adapter]] = {
+    "UNet2DConditionModel": UNetAdapter,
+    "FluxTransformer2DModel": FluxAdapter,
+    "SD3Transformer2DModel": SD3Adapter,
+    "PixArtTransformer2DModel": PixArtAdapter,
+}
 
 
 def find_denoiser(obj: Any) -> nn.Module:
@@ -48,8 +55,10 @@ class MergeState:
         self.method = method
         self.adapter = adapter
         self.scheduler = scheduler
-        self.sites = [s for s in adapter.sites() if s.downsample <= method.max_downsample]
+        sites = [s for s in adapter.sites() if s.downsample <= method.max_downsample]
+        self.sites = adapter.select(sites, method.blocks)  # DiTs: block index ranges per kind
         self.handles: list[RemovableHandle] = []
+        self.num_steps: int | None = None  # steps of the scheduler's last set_timesteps (None for bare denoisers)
         self.reset_state()
 
     def reset_state(self) -> None:
@@ -61,6 +70,7 @@ class MergeState:
         self.active = False
         self.caches: dict[str, dict[str, Any]] = {}
         self.plans: dict[int, Plan | None] = {}
+        self.merging: dict[tuple[int, str], Plan] = {}  # (site, role) -> plan, while that role runs merged
 
     def begin_call(self, key: tuple[int, ...], timestep: float) -> None:
         """Advance the step on a new timestep; start a new generation on a reset, a new input shape (batch size
@@ -81,17 +91,29 @@ class MergeState:
         for site in self.sites:
             self.handles.append(site.block.register_forward_pre_hook(self._plan_hook(site), with_kwargs=True))
             for role in self.method.roles & site.modules.keys():
-                pre, post = self._merge_hooks(site)
+                pre, post = self._merge_hooks(site, role)
                 module = site.modules[role]
                 self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
                 self.handles.append(module.register_forward_hook(post, with_kwargs=True))
+            for role in self.method.roles & site.extra_modules.keys():
+                for module in site.extra_modules[role]:
+                    pre, post = self._merge_hooks(site, role)
+                    self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+                    self.handles.append(module.register_forward_hook(post, with_kwargs=True))
+            for role in self.method.roles & site.spans.keys():
+                self.handles += self._span_hooks(site, role)
+            for role in self.method.roles & (site.kwarg_maps.keys() | site.output_maps.keys()):
+                self.handles += self._map_hooks(site, role)
         if self.scheduler is not None and hasattr(self.scheduler, "set_timesteps"):
             original = self.scheduler.set_timesteps
 
             @functools.wraps(original)
             def set_timesteps(*args: Any, **kwargs: Any) -> Any:
                 self.new_generation = True
-                return original(*args, **kwargs)
+                result = original(*args, **kwargs)
+                timesteps = getattr(self.scheduler, "timesteps", None)
+                self.num_steps = len(torch.unique_consecutive(timesteps)) if timesteps is not None else None
+                return result
 
             set_timesteps.__tokenmerge__ = True
             self.scheduler.set_timesteps = set_timesteps
@@ -112,12 +134,14 @@ class MergeState:
             x = args[0] if args else kwargs["hidden_states"]
             hw = site.grid.hw
             ok = self.active and hw is not None and x.ndim == 3 and hw[0] * hw[1] == x.shape[1]
-            cache = self.caches.setdefault(site.group, {})
+            cache = self.caches.setdefault(site.name if self.method.cache_scope == "block" else site.group, {})
+            # one dict shared by every site for the whole generation (e.g. a random generator, the step count)
+            cache.setdefault("generation", self.caches.setdefault("", {"num_steps": self.num_steps}))
             self.plans[id(site)] = self.method.plan(x, hw, cache, self.step) if ok else None
 
         return plan
 
-    def _merge_hooks(self, site: Site):
+    def _merge_hooks(self, site: Site, role: str):
         stack: list[Plan | None] = []  # the pre-hook's decision, for the matching post-hook
 
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -126,16 +150,81 @@ class MergeState:
             if plan is None or not isinstance(x, torch.Tensor) or x.shape[1] != site.grid.hw[0] * site.grid.hw[1]:
                 stack.append(None)
                 return None
+            kv = getattr(plan, "kv", None)
+            if kv is not None:  # keys/values plan: queries keep every token, self-attention K/V = kv(x), no unmerge
+                stack.append(None)
+                if role != "attn":
+                    return None
+                if len(args) > 1:
+                    return (args[0], kv(x), *args[2:]), kwargs
+                return args, {**kwargs, "encoder_hidden_states": kv(x)}
             stack.append(plan)
+            self.merging[id(site), role] = plan
+            bias = getattr(plan, "key_bias", None) if role == "attn" else None
+            if bias is not None:  # padded rows of a per-sample merge: masked out as keys
+                kwargs = {**kwargs, "attention_mask": bias}
             if args:
                 return (plan.merge(x), *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": plan.merge(x)}
 
         def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             plan = stack.pop() if stack else None
-            return None if plan is None else plan.unmerge(output)
+            if plan is None:
+                return None
+            self.merging.pop((id(site), role), None)
+            return _on_image(output, plan.unmerge)
 
         return pre, post
+
+    def _span_hooks(self, site: Site, role: str) -> list[RemovableHandle]:
+        """Joint sequences ``[prefix, image]``: merge the image suffix of ``entry``'s output, unmerge that of
+        ``exit``'s output; the prefix (text) passes through."""
+        entry, exit_ = site.spans[role]
+        stack: list[tuple[Plan, int] | None] = []
+
+        def merge(module: nn.Module, args: tuple, output: Any) -> Any:
+            plan, x = self.plans.get(id(site)), output[0] if isinstance(output, tuple) else output
+            n = site.grid.hw[0] * site.grid.hw[1] if site.grid.hw is not None else 0
+            if plan is None or not isinstance(x, torch.Tensor) or x.ndim != 3 or not 0 < n <= x.shape[1]:
+                stack.append(None)
+                return None
+            prefix = x.shape[1] - n
+            stack.append((plan, prefix))
+            self.merging[id(site), role] = plan
+            return _on_image(output, lambda t: torch.cat((t[:, :prefix], plan.merge(t[:, prefix:])), 1))
+
+        def unmerge(module: nn.Module, args: tuple, output: Any) -> Any:
+            top = stack.pop() if stack else None
+            if top is None:
+                return None
+            (plan, prefix), _ = top, self.merging.pop((id(site), role), None)
+            return _on_image(output, lambda t: torch.cat((t[:, :prefix], plan.unmerge(t[:, prefix:])), 1))
+
+        return [entry.register_forward_hook(merge), exit_.register_forward_hook(unmerge)]
+
+    def _map_hooks(self, site: Site, role: str) -> list[RemovableHandle]:
+        """While ``role`` runs merged: rewrite modules' keyword arguments / outputs with the site's maps."""
+        handles = []
+        for module, fn in site.kwarg_maps.get(role, ()):
+
+            def pre(module: nn.Module, args: tuple, kwargs: dict, fn: Any = fn) -> tuple[tuple, dict] | None:
+                plan = self.merging.get((id(site), role))
+                return None if plan is None else (args, fn(kwargs, plan))
+
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        for module, fn in site.output_maps.get(role, ()):
+
+            def post(module: nn.Module, args: tuple, output: Any, fn: Any = fn) -> Any:
+                plan = self.merging.get((id(site), role))
+                return None if plan is None else fn(output, plan)
+
+            handles.append(module.register_forward_hook(post))
+        return handles
+
+
+def _on_image(output: Any, fn: Any) -> Any:
+    """Apply ``fn`` to a module output, or to the first element (the image tokens) of a tuple output."""
+    return (fn(output[0]), *output[1:]) if isinstance(output, tuple) else fn(output)
 
 
 def apply(obj: Any, method: Method) -> Any:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection
-from typing import Any, Protocol
+from collections.abc import Collection, Mapping
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -13,11 +13,22 @@ ROLES = ("attn", "cross", "mlp")
 
 
 class Plan(Protocol):
-    """A merge for one block call: ``merge`` ``(B, N, C) -> (B, K, C)``, ``unmerge`` ``(B, K, C) -> (B, N, C)``."""
+    """A merge for one block call: ``merge`` ``(B, N, C) -> (B, K, C)``, ``unmerge`` ``(B, K, C) -> (B, N, C)``.
+
+    Optional: ``key_bias`` ``(B, 1, K)`` (or ``None``), an additive bias on the self-attention keys (``attn`` role),
+    e.g. to mask padding rows of merges whose ``K`` differs per sample.
+    """
 
     def merge(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor: ...
+
+
+class KVPlan(Protocol):
+    """A keys/values plan (ToDo): every query is kept; the self-attention (``attn`` role) takes its keys and values
+    from ``kv(x)`` ``(B, N, C) -> (B, M, C)``, passed as ``encoder_hidden_states``; nothing to unmerge."""
+
+    def kv(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class Method(ABC):
@@ -31,6 +42,13 @@ class Method(ABC):
     max_downsample: int
     #: Step indices (0-based, per generation) on which merging is active; ``None``: every step.
     steps: Collection[int] | None
+    #: Diffusion transformers: block kind -> merged index ranges (see :func:`parse_blocks`); ``None``: the
+    #: adapter's default placement.
+    blocks: Mapping[str, tuple[tuple[int, int | None], ...]] | None = None
+    #: ``"group"``: one ``cache`` per reuse group (a level's blocks share plans); ``"block"``: one per block.
+    #: Every cache also holds ``cache["generation"]``, a dict shared by all blocks for the current generation, with
+    #: ``num_steps`` (the scheduler's step count, or ``None`` for a bare denoiser).
+    cache_scope: ClassVar[str] = "group"
 
     @property
     @abstractmethod
@@ -46,7 +64,7 @@ class Method(ABC):
         return self.steps is None or step in self.steps
 
     @abstractmethod
-    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: dict[str, Any], step: int) -> Plan | None:
+    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: dict[str, Any], step: int) -> Plan | KVPlan | None:
         """Plan the merge of block tokens ``x`` ``(B, H*W, C)`` on an ``H x W`` grid at denoising ``step``."""
 
 
@@ -56,3 +74,44 @@ def check_common(max_downsample: int, steps: Collection[int] | None) -> None:
         raise ValueError(f"max_downsample must be a power of two >= 1, got {max_downsample}")
     if steps is not None and any(int(s) != s or s < 0 for s in steps):
         raise ValueError(f"steps must be non-negative integers, got {steps!r}")
+
+
+def parse_blocks(blocks: Mapping[str, Any] | None) -> dict[str, tuple[tuple[int, int | None], ...]] | None:
+    """Normalise block placement ``{kind: ranges}`` to half-open ``(start, stop)`` pairs (``stop`` None = to the end).
+
+    A kind's ranges are a ``range`` (step 1), a ``(start, stop)`` pair or a list of them, e.g.
+    ``{"double": (5, None), "single": [range(0, 4), (10, 20)]}``; an empty list merges none of that kind.
+    """
+    if blocks is None:
+        return None
+    if not isinstance(blocks, Mapping):
+        raise ValueError(f"blocks must be a mapping of block kind to index ranges, got {type(blocks).__name__}")
+    out = {}
+    for kind, spec in blocks.items():
+        items = [spec] if isinstance(spec, range) or _is_pair(spec) else spec
+        if not isinstance(items, list | tuple):
+            raise ValueError(f"blocks[{kind!r}] must be a range, a (start, stop) pair or a list of them, got {spec!r}")
+        pairs = []
+        for item in items:
+            if isinstance(item, range):
+                if item.step != 1:
+                    raise ValueError(f"blocks[{kind!r}]: ranges must have step 1, got {item!r}")
+                item = (item.start, item.stop)
+            if not _is_pair(item):
+                raise ValueError(f"blocks[{kind!r}]: expected (start, stop), got {item!r}")
+            start, stop = item
+            if start < 0 or (stop is not None and stop <= start):
+                raise ValueError(f"blocks[{kind!r}]: need 0 <= start < stop, got ({start}, {stop})")
+            pairs.append((int(start), None if stop is None else int(stop)))
+        out[str(kind)] = tuple(pairs)
+    return out
+
+
+def _is_pair(item: Any) -> bool:
+    return (
+        isinstance(item, tuple | list)
+        and len(item) == 2
+        and isinstance(item[0], int)
+        and not isinstance(item[0], bool)
+        and (item[1] is None or (isinstance(item[1], int) and not isinstance(item[1], bool)))
+    )

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from tokenmerge.methods.base import Method, check_common
+from tokenmerge.methods.base import Method, check_common, parse_blocks
 from tokenmerge.ops.tiles import TileGrid
 from tokenmerge.ops.toma import TileMerge, toma_merge
 
@@ -29,6 +29,10 @@ class ToMA(Method):
         weight_every: recompute merge weights every this many steps. Within a step, the first patched block of a
             reuse group (a UNet level on the down, mid or up path) computes them and the later blocks reuse them.
         steps: 0-based denoising steps at which merging is active (``None``: all); the others run the full model.
+        blocks: diffusion transformers: merged block index ranges per block kind, half-open, e.g.
+            ``{"double": (0, None), "single": range(5, 38)}`` (Flux kinds ``double``/``single``, SD3 ``joint``,
+            PixArt ``blocks``); kinds not given keep the model's default (Flux: all but the first five of each kind;
+            SD3, PixArt: every block). Reuse groups there are one per kind (stream).
     """
 
     ratio: float = 0.5
@@ -41,6 +45,7 @@ class ToMA(Method):
     dest_every: int = 5
     weight_every: int = 1
     steps: Collection[int] | None = field(default=None)
+    blocks: Mapping[str, object] | None = field(default=None)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -54,6 +59,7 @@ class ToMA(Method):
         if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
             raise ValueError("at least one of merge_attn, merge_crossattn, merge_mlp must be set")
         check_common(self.max_downsample, self.steps)
+        object.__setattr__(self, "blocks", parse_blocks(self.blocks))
 
     @property
     def roles(self) -> frozenset[str]:

@@ -1,0 +1,93 @@
+"""Adapters for patchified diffusion transformers whose blocks take the image tokens alone:
+``SD3Transformer2DModel`` (SD3/SD3.5, ``JointTransformerBlock``) and ``PixArtTransformer2DModel`` (PixArt-alpha/sigma,
+``BasicTransformerBlock`` with ``ada_norm_single``).
+
+Both run the UNet path: each merged sub-module's input is merged and its output unmerged before the residual add.
+SD3's joint attention takes the (merged) image tokens and the full text and returns ``(image, text)``: only the image
+part is unmerged, so every text token attends to all merged image tokens and keeps its own output. SD3.5's extra
+self-attention (``attn2``) shares the block's plan. The token grid is the patch grid ``(H // p, W // p)`` of the 4D
+latent the model is called with (patch size ``p`` from the model config).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from tokenmerge.adapters.base import Adapter, Blocks, GridSlot, Site
+
+
+class _PatchGridAdapter(Adapter):
+    """Blocks ``transformer_blocks.i`` of one kind, reuse group and patch-grid slot; subclasses name the modules."""
+
+    kind = "blocks"
+    timestep_index = 3
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.slot = GridSlot()
+
+    def block_modules(self, block: nn.Module) -> tuple[dict[str, nn.Module], dict[str, list[nn.Module]]]:
+        raise NotImplementedError
+
+    def sites(self) -> list[Site]:
+        sites = []
+        for i, block in enumerate(self.model.transformer_blocks):
+            modules, extra = self.block_modules(block)
+            name = f"transformer_blocks.{i}"
+            sites.append(Site(name, block, modules, self.kind, 1, self.slot, self.kind, i, extra_modules=extra))
+        return sites
+
+    def install_grid_hooks(self, sites: list[Site]) -> list[RemovableHandle]:
+        slot, p = self.slot, int(self.model.config.patch_size)
+
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = _arg(args, kwargs, "hidden_states", 0)
+            ok = isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[-2] >= p and x.shape[-1] >= p
+            slot.hw = (x.shape[-2] // p, x.shape[-1] // p) if ok else None
+
+        return [self.model.register_forward_pre_hook(record, with_kwargs=True)]
+
+    def call_key(self, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], float]:
+        x, t = _arg(args, kwargs, "hidden_states", 0), _arg(args, kwargs, "timestep", self.timestep_index)
+        if not isinstance(x, torch.Tensor) or t is None:
+            raise ValueError(f"{type(self.model).__name__} call without hidden_states or timestep")
+        return tuple(x.shape), _scalar(t)
+
+
+class SD3Adapter(_PatchGridAdapter):
+    """SD3/SD3.5: kind and group ``joint``; roles ``attn`` (joint attention, plus SD3.5's ``attn2`` where present)
+    and ``mlp`` (the image feed-forward). Every block by default."""
+
+    kind = "joint"
+    default_blocks: ClassVar[Blocks] = {"joint": ((0, None),)}
+
+    def block_modules(self, block: nn.Module) -> tuple[dict[str, nn.Module], dict[str, list[nn.Module]]]:
+        extra = {"attn": [block.attn2]} if getattr(block, "attn2", None) is not None else {}
+        return {"attn": block.attn, "mlp": block.ff}, extra
+
+
+class PixArtAdapter(_PatchGridAdapter):
+    """PixArt-alpha/sigma: kind and group ``blocks``; roles ``attn`` (self-attention), ``cross`` (queries of the
+    text cross-attention) and ``mlp``. Every block by default."""
+
+    kind = "blocks"
+    timestep_index = 2
+    default_blocks: ClassVar[Blocks] = {"blocks": ((0, None),)}
+
+    def block_modules(self, block: nn.Module) -> tuple[dict[str, nn.Module], dict[str, list[nn.Module]]]:
+        modules = {"attn": block.attn1, "mlp": block.ff}
+        if getattr(block, "attn2", None) is not None:
+            modules["cross"] = block.attn2
+        return modules, {}
+
+
+def _arg(args: tuple, kwargs: dict, name: str, index: int) -> Any:
+    return kwargs[name] if name in kwargs else (args[index] if len(args) > index else None)
+
+
+def _scalar(t: torch.Tensor | float | int) -> float:
+    return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)

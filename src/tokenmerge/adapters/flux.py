@@ -1,0 +1,206 @@
+"""Adapter for diffusers' ``FluxTransformer2DModel`` (Flux dev/schnell and their img2img/inpaint/fill pipelines).
+
+Double-stream blocks (kind ``double``): the image tokens are merged for the joint attention only; the text tokens
+are never merged, so the attention runs over ``[text, merged image]`` and the output is unmerged after the image
+output projection (the first element of the attention's ``(image, text)`` output).
+
+Single-stream blocks (kind ``single``): the block runs on ``[text, image]``; the image suffix of the norm's output is
+merged, so the attention *and* the parallel MLP run on ``[text, merged image]``, and the image suffix of
+``proj_out``'s output is unmerged before the gate and residual add.
+
+Rotary positions: a merged token takes its destination's position. Destinations differ per sample, so the rotary
+tables differ per sample too, which diffusers' ``apply_rotary_emb`` cannot take (its tables are ``(S, D)``). While a
+block runs merged, the attention gets ``image_rotary_emb=None`` and the rotation is applied instead by output hooks on
+the attention's query/key norms (``norm_q``/``norm_k`` and the text ``norm_added_q``/``norm_added_k``), which in
+Flux's processor come right before the rotation; the attention itself still goes through the model's processor and
+diffusers' attention dispatch, unchanged.
+
+Token grid: from ``img_ids`` (row, column per packed token); a layout that is not one row-major ``H x W`` grid
+(e.g. Kontext's extra reference-image tokens) is left unmerged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from tokenmerge.adapters.base import Adapter, Blocks, GridSlot, Site
+
+
+class RotarySlot(GridSlot):
+    """The grid plus the model's rotary tables ``(cos, sin)``, each ``(T + H*W, D)`` (text first), for one call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.freqs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._memo: tuple[Any, Any, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def merged_freqs(self, plan: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Image rotary tables of the merged tokens, ``(B, K, D)``: row ``k`` of sample ``b`` is the table row of
+        destination ``plan.dest[b, k]``. Memoised per plan (blocks of a group share one)."""
+        if self.freqs is None or self.hw is None:
+            return None
+        if self._memo is not None and self._memo[0] is plan and self._memo[1] is self.freqs:
+            return self._memo[2]
+        dest = getattr(plan, "dest", None)
+        if not isinstance(dest, torch.Tensor):
+            raise ValueError(f"{type(plan).__name__} gives no merged-token positions (dest); rotary models need them")
+        n = self.hw[0] * self.hw[1]
+        cos, sin = (f[f.shape[0] - n :][dest.to(f.device)] for f in self.freqs)
+        self._memo = (plan, self.freqs, (cos, sin))
+        return cos, sin
+
+    def text_freqs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Text rows ``(T, D)`` of the rotary tables."""
+        if self.freqs is None or self.hw is None:
+            return None
+        n = self.hw[0] * self.hw[1]
+        return tuple(f[: f.shape[0] - n] for f in self.freqs)  # type: ignore[return-value]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x`` ``(B, S, heads, D)`` with tables ``(S, D)`` or ``(B, S, D)``, channel pairs
+    ``(2i, 2i+1)`` rotated: ``x * cos + r(x) * sin`` with ``r(x)_{2i} = -x_{2i+1}``, ``r(x)_{2i+1} = x_{2i}``;
+    computed in float32 (as the model does)."""
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+    turned = torch.stack((-odd, even), dim=-1).flatten(-2)
+    cos, sin = cos.unsqueeze(-2).to(x.device), sin.unsqueeze(-2).to(x.device)
+    return (x.float() * cos + turned.float() * sin).to(x.dtype)
+
+
+def grid_from_ids(ids: torch.Tensor, n: int) -> tuple[int, int] | None:
+    """``(H, W)`` of packed image tokens from their position ids ``(N, 3)`` (``[_, row, column]``), or ``None``
+    unless they form one row-major grid of ``n`` tokens."""
+    if ids.ndim == 3:
+        ids = ids[0]
+    if ids.ndim != 2 or ids.shape[0] != n or ids.shape[1] < 3 or n == 0:
+        return None
+    rows, cols = ids[:, 1].float(), ids[:, 2].float()
+    r0, c0 = rows.min(), cols.min()
+    h, w = int(rows.max() - r0) + 1, int(cols.max() - c0) + 1
+    if h * w != n:
+        return None
+    r = torch.arange(h, device=ids.device, dtype=rows.dtype).repeat_interleave(w) + r0
+    c = torch.arange(w, device=ids.device, dtype=cols.dtype).repeat(h) + c0
+    return (h, w) if torch.equal(rows, r) and torch.equal(cols, c) else None
+
+
+class FluxAdapter(Adapter):
+    """Sites ``transformer_blocks.i`` (kind/group ``double``) and ``single_transformer_blocks.i`` (``single``),
+    at downsample 1; by default the first five of each kind stay full (the ToMA reference placement)."""
+
+    default_blocks: ClassVar[Blocks] = {"double": ((5, None),), "single": ((5, None),)}
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.slot = RotarySlot()
+
+    def sites(self) -> list[Site]:
+        slot = self.slot
+        sites = []
+        for i, block in enumerate(self.model.transformer_blocks):
+            attn = block.attn
+            img, txt = _rotary_hook(slot, "image"), _rotary_hook(slot, "text")
+            maps = [(attn.norm_q, img), (attn.norm_k, img), (attn.norm_added_q, txt), (attn.norm_added_k, txt)]
+            sites.append(
+                Site(
+                    f"transformer_blocks.{i}",
+                    block,
+                    {"attn": attn},
+                    "double",
+                    1,
+                    slot,
+                    kind="double",
+                    index=i,
+                    kwarg_maps={"attn": [(attn, _drop_rotary)]},
+                    output_maps={"attn": _checked(maps)},
+                )
+            )
+        for i, block in enumerate(self.model.single_transformer_blocks):
+            attn, joint = block.attn, _rotary_hook(slot, "joint")
+            sites.append(
+                Site(
+                    f"single_transformer_blocks.{i}",
+                    block,
+                    {},
+                    "single",
+                    1,
+                    slot,
+                    kind="single",
+                    index=i,
+                    spans={"attn": (block.norm, block.proj_out)},
+                    kwarg_maps={"attn": [(attn, _drop_rotary)]},
+                    output_maps={"attn": _checked([(attn.norm_q, joint), (attn.norm_k, joint)])},
+                )
+            )
+        return sites
+
+    def install_grid_hooks(self, sites: list[Site]) -> list[RemovableHandle]:
+        slot = self.slot
+
+        def record_grid(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x, ids = _arg(args, kwargs, "hidden_states", 0), _arg(args, kwargs, "img_ids", 4)
+            ok = isinstance(x, torch.Tensor) and x.ndim == 3 and isinstance(ids, torch.Tensor)
+            slot.hw = grid_from_ids(ids, x.shape[1]) if ok else None
+            slot.freqs = None
+
+        def record_freqs(module: nn.Module, args: tuple, output: Any) -> None:
+            ok = isinstance(output, tuple) and len(output) == 2 and all(isinstance(f, torch.Tensor) for f in output)
+            slot.freqs = output if ok and output[0].ndim == 2 else None
+
+        return [
+            self.model.register_forward_pre_hook(record_grid, with_kwargs=True),
+            self.model.pos_embed.register_forward_hook(record_freqs),
+        ]
+
+    def call_key(self, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], float]:
+        x, t = _arg(args, kwargs, "hidden_states", 0), _arg(args, kwargs, "timestep", 3)
+        if not isinstance(x, torch.Tensor) or t is None:
+            raise ValueError("FluxTransformer2DModel call without hidden_states or timestep")
+        return tuple(x.shape), _scalar(t)
+
+
+def _drop_rotary(kwargs: dict, plan: Any) -> dict:
+    """The attention of a merged block gets no rotary tables: the norm hooks rotate per sample instead."""
+    return {**kwargs, "image_rotary_emb": None} if kwargs.get("image_rotary_emb") is not None else kwargs
+
+
+def _rotary_hook(slot: RotarySlot, part: str):
+    """Output map of a query/key norm ``(B, S, heads, D)``: rotate ``image`` (S = K merged tokens), ``text``
+    (S = T) or ``joint`` (S = T + K, text first) tokens by their (destination's) positions."""
+
+    def hook(out: torch.Tensor, plan: Any) -> torch.Tensor:
+        if slot.freqs is None or slot.hw is None:
+            return out
+        if part == "text":
+            cos, sin = slot.text_freqs()
+            return rotate(out, cos, sin)
+        cos, sin = slot.merged_freqs(plan)
+        if part == "joint":
+            t_cos, t_sin = slot.text_freqs()
+            b, t = cos.shape[0], out.shape[1] - cos.shape[1]
+            if t != t_cos.shape[0]:
+                raise ValueError(f"joint sequence of {out.shape[1]} tokens does not hold {t_cos.shape[0]} text tokens")
+            cos = torch.cat((t_cos.expand(b, -1, -1), cos), 1)
+            sin = torch.cat((t_sin.expand(b, -1, -1), sin), 1)
+        return rotate(out, cos, sin)
+
+    return hook
+
+
+def _checked(maps: list[tuple[Any, Any]]) -> list[tuple[nn.Module, Any]]:
+    for module, _ in maps:
+        if not isinstance(module, nn.Module):
+            raise ValueError("Flux attention without query/key norm modules is not supported (rotary hooks need them)")
+    return maps
+
+
+def _arg(args: tuple, kwargs: dict, name: str, index: int) -> Any:
+    return kwargs[name] if name in kwargs else (args[index] if len(args) > index else None)
+
+
+def _scalar(t: torch.Tensor | float | int) -> float:
+    return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)

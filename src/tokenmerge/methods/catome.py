@@ -1,0 +1,147 @@
+"""CA-ToMe: cached adaptive token merging (adaptive similarity threshold in 2x2 cells, pairs cached across steps)."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tokenmerge.methods.base import Method, check_common
+from tokenmerge.methods.tomesd import check_cells, generation_rng
+from tokenmerge.ops.bipartite import SlotMerge, bipartite_match, cell_destinations, slot_merge, top_sources
+
+#: Steps of the reference schedules' base length.
+REFERENCE_STEPS = 50
+#: The CA-ToMe paper's checkpoint schedules (0-based steps of a 50-step run); ``config3`` was reported best.
+SCHEDULES: dict[str, tuple[int, ...]] = {
+    "config1": (0, 1, 2, 3, 5, 10, 15, 25, 35),
+    "config2": (0, 10, 11, 12, 15, 20, 25, 30, 35, 45),
+    "config3": (0, 8, 11, 13, 20, 25, 30, 35, 45, 46, 47, 48, 49),
+    "config4": (0, 9, 13, 14, 15, 28, 29, 32, 36, 45),
+    "adaptive": (0, 1, 5, 7, 10, 12, 15, 35, 40, 45, 46, 47, 48, 49),
+    "every5": tuple(range(0, REFERENCE_STEPS, 5)),
+}
+BATCH_MODES = ("sample", "max", "min")
+
+
+def scale_schedule(steps: Sequence[int], num_steps: int, base: int = REFERENCE_STEPS) -> frozenset[int]:
+    """Checkpoints ``s`` of a ``base``-step schedule at ``floor(s * num_steps / base)`` of a ``num_steps`` run."""
+    return frozenset(s * num_steps // base for s in steps if s < base)
+
+
+@dataclass(frozen=True)
+class CAToMe(Method):
+    """Cached Adaptive Token Merging (Saghatchian et al.), built on ToMeSD's 2x2-cell bipartite matching.
+
+    Per block: one destination per ``sy x sx`` cell (random or top-left), every source's best destination by cosine
+    similarity, and every source with best similarity ``>= threshold`` merged (mean) into it; unmerge copies. The
+    matching (which sources merge where) is computed at checkpoint steps and reused by the same block in between.
+
+    How many sources merge in a batch (``batch``):
+
+    - ``"sample"`` (default): each sample merges exactly its own sources above the threshold, independent of its batch
+      mates and of the other guidance half. Samples with fewer merges keep more rows; the others are padded to the
+      batch's longest with zero rows that self-attention masks out as keys (an additive ``-inf``-like key bias, so
+      the softmax is exactly that of the sample alone; padded query rows are computed and discarded). Cost: every
+      sample runs at the longest sample's length, and the mask rules out flash kernels on GPU.
+    - ``"max"``: the reference: ``r = max_b count_b``; every sample merges its top ``r`` sources (some below the
+      threshold), so batch mates change each other's result.
+    - ``"min"``: ``r = min_b count_b``: only pairs above the threshold merge in every sample (conservative).
+
+    The count needs one host sync per block at checkpoint steps only (cached plans are reused without one).
+
+    Args:
+        threshold: cosine similarity in ``[-1, 1]`` at or above which a source is merged.
+        schedule: checkpoint steps: a name from :data:`SCHEDULES` (a 50-step schedule scaled to the run's step count
+            by :func:`scale_schedule`), an int ``n`` (every ``n``-th step) or explicit 0-based steps (used as given).
+            Steps before a block's first plan of a generation always compute one.
+        num_steps: the run's step count for scaling a named schedule; ``None``: the scheduler's (recorded by
+            ``apply`` on a pipeline), or 50 for a bare denoiser.
+        batch: ``"sample"``, ``"max"`` or ``"min"`` (see above).
+        bucket: static shapes for ``torch.compile``: the merged length is rounded up to a multiple of ``bucket``
+            (``"sample"``: more padding rows; ``"max"``/``"min"``: fewer merged sources).
+        max_downsample, sx, sy, use_rand, merge_attn, merge_crossattn, merge_mlp, seed, steps: as :class:`ToMeSD`
+            (``use_rand`` is turned off for odd batch sizes, as in the reference).
+    """
+
+    threshold: float = 0.7
+    schedule: str | int | Sequence[int] = "config3"
+    num_steps: int | None = None
+    batch: str = "sample"
+    bucket: int = 1
+    max_downsample: int = 1
+    sx: int = 2
+    sy: int = 2
+    use_rand: bool = True
+    merge_attn: bool = True
+    merge_crossattn: bool = False
+    merge_mlp: bool = False
+    seed: int | None = None
+    steps: Collection[int] | None = field(default=None)
+
+    cache_scope = "block"
+
+    def __post_init__(self) -> None:
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {self.threshold}")
+        sched = self.schedule
+        if isinstance(sched, str):
+            if sched not in SCHEDULES:
+                raise ValueError(f"unknown schedule {sched!r}; choose from {', '.join(SCHEDULES)}, an int or steps")
+        elif isinstance(sched, int):
+            if sched < 1:
+                raise ValueError(f"an every-n schedule needs n >= 1, got {sched}")
+        elif not all(isinstance(s, int) and s >= 0 for s in sched):
+            raise ValueError(f"schedule steps must be non-negative integers, got {sched!r}")
+        if self.num_steps is not None and (int(self.num_steps) != self.num_steps or self.num_steps < 1):
+            raise ValueError(f"num_steps must be a positive integer, got {self.num_steps!r}")
+        if self.batch not in BATCH_MODES:
+            raise ValueError(f"batch must be one of {', '.join(BATCH_MODES)}, got {self.batch!r}")
+        if int(self.bucket) != self.bucket or self.bucket < 1:
+            raise ValueError(f"bucket must be a positive integer, got {self.bucket!r}")
+        check_cells(self.sx, self.sy)
+        if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
+            raise ValueError("at least one of merge_attn, merge_crossattn, merge_mlp must be set")
+        check_common(self.max_downsample, self.steps)
+
+    @property
+    def roles(self) -> frozenset[str]:
+        flags = {"attn": self.merge_attn, "cross": self.merge_crossattn, "mlp": self.merge_mlp}
+        return frozenset(role for role, on in flags.items() if on)
+
+    def checkpoints(self, num_steps: int | None = None) -> frozenset[int] | None:
+        """The 0-based checkpoint steps of a ``num_steps`` run (``None`` for an every-n schedule: ``step % n == 0``)."""
+        if isinstance(self.schedule, int):
+            return None
+        if isinstance(self.schedule, str):
+            return scale_schedule(SCHEDULES[self.schedule], self.num_steps or num_steps or REFERENCE_STEPS)
+        return frozenset(self.schedule)
+
+    def is_checkpoint(self, step: int, num_steps: int | None = None) -> bool:
+        points = self.checkpoints(num_steps)
+        return step % self.schedule == 0 if points is None else step in points
+
+    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: dict[str, Any], step: int) -> SlotMerge | None:
+        key = (x.shape[0], *grid, x.device, x.dtype)
+        if cache.get("key") == key and not self.is_checkpoint(step, cache["generation"]["num_steps"]):
+            return cache["plan"]
+        cache.update(key=key, plan=self._match(x, grid, cache))
+        return cache["plan"]
+
+    def _match(self, x: torch.Tensor, grid: tuple[int, int], cache: dict[str, Any]) -> SlotMerge | None:
+        h, w = grid
+        n = h * w
+        if h < self.sy or w < self.sx:
+            return None
+        rng = generation_rng(cache, self.seed) if self.use_rand and x.shape[0] % 2 == 0 else None
+        dst = cell_destinations(h, w, self.sx, self.sy, rng, x.device)
+        src, best, match = bipartite_match(x, dst)
+        above = best >= self.threshold
+        if self.batch == "sample":
+            return slot_merge(n, dst, src, match, above, x.dtype, self.bucket)
+        counts = above.sum(-1)
+        r = int(counts.max() if self.batch == "max" else counts.min())
+        rows = min(n, -(-(n - r) // self.bucket) * self.bucket)
+        return slot_merge(n, dst, src, match, top_sources(best, n - rows), x.dtype)

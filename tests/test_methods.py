@@ -1,0 +1,233 @@
+"""Every method x every UNet layout through the shared adapters, plus exactness against the reference packages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenmerge as tm
+from tokenmerge.archs import build_unet, unet_inputs
+from tokenmerge.methods.catome import SCHEDULES, scale_schedule
+
+from .conftest import generate
+
+TEXT_LEN = 77
+
+#: name -> (a merging config on both layouts, its identity config or None)
+METHODS = {
+    "toma": (tm.ToMA(ratio=0.5), tm.ToMA(ratio=0.0)),
+    "tomesd": (tm.ToMeSD(ratio=0.5, max_downsample=2, seed=0), tm.ToMeSD(ratio=0.0)),
+    "catome": (tm.CAToMe(threshold=-1.0, schedule=2, max_downsample=2, seed=0), None),
+    "todo": (tm.ToDo(factor=2, max_downsample=2), tm.ToDo(factor=1)),
+}
+
+
+def self_attention(lengths: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    return [(q, k) for q, k in lengths if k != TEXT_LEN]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_fewer_tokens_reach_attention(pipe, name: str, attention_lengths) -> None:
+    base = generate(pipe, guidance_scale=5.0)
+    full = self_attention(attention_lengths)
+    tm.apply(pipe, METHODS[name][0])
+    attention_lengths.clear()
+    merged = generate(pipe, guidance_scale=5.0)
+    assert merged.shape == base.shape and torch.isfinite(merged).all() and not torch.equal(merged, base)
+    short = self_attention(attention_lengths)
+    assert len(short) == len(full)
+    assert all(k <= fk for (_, k), (_, fk) in zip(short, full, strict=True))
+    assert sum(k for _, k in short) < sum(k for _, k in full)
+    if name == "todo":  # every query kept, a quarter of the keys at the merged levels
+        assert [q for q, _ in short] == [q for q, _ in full]
+        assert {fk // k for (_, k), (_, fk) in zip(short, full, strict=True)} <= {1, 4}
+
+
+@pytest.mark.parametrize("name", [n for n, (_, identity) in METHODS.items() if identity is not None])
+def test_identity_config_is_bit_identical(pipe, name: str) -> None:
+    base = generate(pipe)
+    tm.apply(pipe, METHODS[name][1])
+    assert not hasattr(pipe.unet, "_tokenmerge")
+    assert torch.equal(generate(pipe), base)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_remove_is_exact(pipe, name: str) -> None:
+    base = generate(pipe, guidance_scale=5.0)
+    tm.apply(pipe, METHODS[name][0])
+    assert not torch.equal(generate(pipe, guidance_scale=5.0), base)
+    tm.remove(pipe)
+    assert not hasattr(pipe.unet, "_tokenmerge") and "set_timesteps" not in vars(pipe.scheduler)
+    assert torch.equal(generate(pipe, guidance_scale=5.0), base)
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("change", ["resolution", "batch"])
+def test_shape_change_between_calls(pipe, name: str, change: str) -> None:
+    """After a batch or resolution change a call equals the same call on a freshly patched model; repeatable."""
+    first = dict(height=32, width=48) if change == "resolution" else dict(num_images_per_prompt=1)
+    second = dict(height=48, width=32) if change == "resolution" else dict(num_images_per_prompt=2)
+    method = METHODS[name][0]
+    tm.apply(pipe, method)
+    generate(pipe, guidance_scale=5.0, **first)
+    after_change = generate(pipe, guidance_scale=5.0, **second)
+    assert torch.isfinite(after_change).all()
+    tm.apply(pipe, method)
+    assert torch.equal(after_change, generate(pipe, guidance_scale=5.0, **second))
+
+
+# ---- ToMeSD vs the tomesd package ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(ratio=0.5),
+        dict(ratio=0.6, max_downsample=2, merge_crossattn=True, merge_mlp=True),
+        dict(ratio=0.4, max_downsample=4, use_rand=False, sx=2, sy=1),
+    ],
+)
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_tomesd_matches_reference(pipe, options: dict, guidance: float) -> None:
+    """Same settings and the same global seed: our ToMeSD matches the tomesd package (RNG draws included)."""
+    tomesd = pytest.importorskip("tomesd")
+    if pipe.unet.config.addition_embed_type == "text_time" and options.get("max_downsample", 1) == 1:
+        options = {**options, "max_downsample": 2}  # tomesd's default does nothing on SDXL: no attention at level 1
+    tomesd.apply_patch(pipe, **options)
+    torch.manual_seed(7)  # tomesd forks the global generator at its first draw
+    ref = generate(pipe, guidance_scale=guidance, height=32, width=48, steps=3)
+    tomesd.remove_patch(pipe)
+    tm.apply(pipe, tm.ToMeSD(**options, seed=7))
+    ours = generate(pipe, guidance_scale=guidance, height=32, width=48, steps=3)
+    base = generate(pipe.__class__(**pipe.components), guidance_scale=guidance, height=32, width=48, steps=3)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    assert (ours - base).abs().max() > 100 * (ours - ref).abs().max()  # the merge did something
+
+
+def test_tomesd_global_rng_semantics() -> None:
+    """seed=None forks torch's global generator per generation: torch.manual_seed reproduces a call."""
+    unet = build_unet("tiny-sd15")
+    inputs = unet_inputs(unet, 2, 16, 16)
+    tm.apply(unet, tm.ToMeSD(ratio=0.5))
+    outs = []
+    with torch.no_grad():
+        for seed in (1, 2, 1):
+            tm.reset(unet)
+            torch.manual_seed(seed)
+            outs.append(unet(**inputs).sample)
+    assert torch.equal(outs[0], outs[2]) and not torch.equal(outs[0], outs[1])
+
+
+# ---- CA-ToMe ------------------------------------------------------------------------------------------------------
+
+
+def test_catome_matches_reference_on_its_call_path() -> None:
+    """ca-tome works only through its private ``pipe.call`` on SD 1.x, with 1-based steps: checkpoints ``s + 1``."""
+    ca_tome = pytest.importorskip("ca_tome")
+    from tokenmerge.archs import tiny_pipeline
+
+    pipe = tiny_pipeline("tiny-sd15")
+    pipe.set_progress_bar_config(disable=True)
+    ours_schedule = [0, 2, 3]
+    kwargs = dict(num_inference_steps=5, height=32, width=32, guidance_scale=5.0, output_type="latent")
+    ca_tome.apply_CA_ToMe(pipe, [s + 1 for s in ours_schedule], 0.2)
+    torch.manual_seed(3)
+    ref = pipe.call("a red cube", generator=torch.Generator().manual_seed(0), **kwargs).images
+    ca_tome.patch.remove_patch(pipe)
+    fresh = tiny_pipeline("tiny-sd15")
+    fresh.set_progress_bar_config(disable=True)
+    base = fresh("a red cube", generator=torch.Generator().manual_seed(0), **kwargs).images
+    tm.apply(fresh, tm.CAToMe(threshold=0.2, schedule=ours_schedule, batch="max", seed=3))
+    ours = fresh("a red cube", generator=torch.Generator().manual_seed(0), **kwargs).images
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    assert (ours - base).abs().max() > 100 * (ours - ref).abs().max()
+
+
+def test_catome_schedules_scale() -> None:
+    assert scale_schedule(SCHEDULES["config3"], 50) == frozenset(SCHEDULES["config3"])
+    assert scale_schedule(SCHEDULES["config3"], 25) == frozenset({0, 4, 5, 6, 10, 12, 15, 17, 22, 23, 24})
+    for name in SCHEDULES:
+        for n in (1, 7, 20, 50, 100):
+            points = tm.CAToMe(schedule=name, num_steps=n).checkpoints()
+            assert 0 in points and max(points) < n
+    assert not tm.CAToMe(schedule=4).is_checkpoint(3) and tm.CAToMe(schedule=4).is_checkpoint(8)
+
+
+def test_catome_pairs_recomputed_only_at_checkpoints(pipe, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Matching at checkpoint steps of the scheduler's step count only; reset at every generation."""
+    from tokenmerge.methods import catome
+
+    made: list[int] = []
+    original = catome.bipartite_match
+    monkeypatch.setattr(catome, "bipartite_match", lambda x, dst: made.append(1) or original(x, dst))
+    method = tm.CAToMe(threshold=0.0, schedule="config1", max_downsample=2, seed=0)  # 10 steps: 0, 1, 2, 3, 5, 7
+    tm.apply(pipe, method)
+    first = generate(pipe, steps=10, guidance_scale=5.0)
+    sites = len(pipe.unet._tokenmerge.sites)
+    assert pipe.unet._tokenmerge.num_steps == 10 and len(made) == 6 * sites
+    assert torch.equal(generate(pipe, steps=10, guidance_scale=5.0), first)  # no stale pairs from image 1
+    made.clear()
+    generate(pipe, steps=20, guidance_scale=5.0)  # 0..3, 5, 7, 10, 15: scaled to the new step count
+    assert len(made) == len(method.checkpoints(20)) * sites == 8 * sites
+
+
+def test_catome_per_sample_is_independent_of_batch_mates() -> None:
+    """batch="sample": each sample of a batch gives what it gives alone (masked padding keeps softmax exact)."""
+    unet = build_unet("tiny-sd15")
+    inputs = unet_inputs(unet, 2, 16, 16)
+    inputs["sample"][1] = inputs["sample"][1].cumsum(-1) / 4  # smoother: merges more than sample 0
+    outs = {}
+    for mode in ("sample", "max"):
+        tm.apply(unet, tm.CAToMe(threshold=0.3, batch=mode, use_rand=False, max_downsample=2))
+        with torch.no_grad():
+            both = unet(**inputs).sample
+            alone = [unet(**{k: _pick(v, i) for k, v in inputs.items()}).sample for i in (0, 1)]
+        outs[mode] = (both, torch.cat(alone))
+    torch.testing.assert_close(*outs["sample"], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(*outs["max"], rtol=1e-4, atol=1e-5)  # the reference's batch max couples samples
+
+
+def test_catome_bucketed_lengths(attention_lengths) -> None:
+    unet = build_unet("tiny-sd15")
+    inputs = unet_inputs(unet, 2, 16, 16)
+    for batch in ("sample", "min", "max"):
+        tm.apply(unet, tm.CAToMe(threshold=0.3, batch=batch, bucket=24))
+        attention_lengths.clear()
+        with torch.no_grad():
+            unet(**inputs)
+        assert all(k % 24 == 0 or k in (64, 16) for _, k in self_attention(attention_lengths)), attention_lengths
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs"),
+    [
+        (tm.ToMeSD, dict(ratio=1.0)),
+        (tm.ToMeSD, dict(ratio=-0.1)),
+        (tm.ToMeSD, dict(sx=1, sy=1)),
+        (tm.ToMeSD, dict(sx=0)),
+        (tm.ToMeSD, dict(max_downsample=3)),
+        (tm.ToMeSD, dict(merge_attn=False)),
+        (tm.CAToMe, dict(threshold=1.5)),
+        (tm.CAToMe, dict(schedule="config9")),
+        (tm.CAToMe, dict(schedule=0)),
+        (tm.CAToMe, dict(schedule=[0, -1])),
+        (tm.CAToMe, dict(num_steps=0)),
+        (tm.CAToMe, dict(batch="mean")),
+        (tm.CAToMe, dict(bucket=0)),
+        (tm.CAToMe, dict(steps=[-2])),
+        (tm.ToDo, dict(factor=0)),
+        (tm.ToDo, dict(factor=1.5)),
+        (tm.ToDo, dict(max_downsample=6)),
+    ],
+)
+def test_invalid_config_raises(cls: type, kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=r"must|unknown"):
+        cls(**kwargs)
+
+
+def _pick(value, i: int):
+    if isinstance(value, torch.Tensor) and value.ndim > 0:
+        return value[i : i + 1]
+    if isinstance(value, dict):
+        return {k: _pick(v, i) for k, v in value.items()}
+    return value
