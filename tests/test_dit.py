@@ -153,7 +153,7 @@ def test_reuse_grouped_per_stream(pipe, monkeypatch: pytest.MonkeyPatch) -> None
 def test_sd3_merges_both_self_attentions(attention_lengths) -> None:
     pipe = make_pipe("tiny-sd3")
     tm.apply(pipe, tm.ToMA(ratio=0.5, merge_mlp=False))
-    run(pipe)  # 32x32 px: 8x8 grid; block 0 has the extra image-only self-attention attn2
+    run(pipe, steps=3)  # 32x32 px: 8x8 grid; block 0 has the extra image-only self-attention attn2
     joint = [q for q, k in attention_lengths if q == k == CLIP + TEXT + 32]
     self_only = [q for q, k in attention_lengths if q == k == 32]
     assert len(joint) == 2 * 3 and len(self_only) == 3

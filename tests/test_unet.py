@@ -256,3 +256,28 @@ def _hook_count(module: nn.Module) -> int:
     return sum(
         len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._forward_hooks_with_kwargs) for m in module.modules()
     )
+
+
+def test_inpaint_and_controlnet_pipelines() -> None:
+    """The UNet of inpainting and ControlNet pipelines is patched the same way; the stock call works."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionInpaintPipeline
+
+    from tokenmerge.archs import tiny_pipeline
+
+    base = tiny_pipeline("tiny-sd15")
+    image, mask = torch.rand(1, 3, 32, 32), torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 8)).eval()
+    pipes = [
+        (StableDiffusionInpaintPipeline(**base.components), dict(image=image, mask_image=mask)),
+        (StableDiffusionControlNetPipeline(**base.components, controlnet=controlnet), dict(image=image)),
+    ]
+    for p, extra in pipes:
+        p.set_progress_bar_config(disable=True)
+        reference = generate(p, **extra)
+        tm.apply(p, tm.ToMA(ratio=0.5))
+        merged = generate(p, **extra)
+        assert torch.isfinite(merged).all() and not torch.equal(merged, reference)
+        tm.remove(p)
+        assert torch.equal(generate(p, **extra), reference)
