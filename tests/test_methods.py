@@ -80,27 +80,27 @@ def test_shape_change_between_calls(pipe, name: str, change: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "options",
+    ("options", "guidance"),
     [
-        dict(ratio=0.5),
-        dict(ratio=0.6, max_downsample=2, merge_crossattn=True, merge_mlp=True),
-        dict(ratio=0.4, max_downsample=4, use_rand=False, sx=2, sy=1),
+        (dict(ratio=0.5), 5.0),
+        (dict(ratio=0.5), 1.0),  # odd batch: tomesd turns the random destinations off
+        (dict(ratio=0.6, max_downsample=2, merge_crossattn=True, merge_mlp=True), 5.0),
+        (dict(ratio=0.4, max_downsample=4, use_rand=False, sx=2, sy=1), 5.0),
     ],
 )
-@pytest.mark.parametrize("guidance", [1.0, 5.0])
 def test_tomesd_matches_reference(pipe, options: dict, guidance: float) -> None:
     """Same settings and the same global seed: our ToMeSD matches the tomesd package (RNG draws included)."""
     tomesd = pytest.importorskip("tomesd")
     if pipe.unet.config.addition_embed_type == "text_time" and options.get("max_downsample", 1) == 1:
         options = {**options, "max_downsample": 2}  # tomesd's default does nothing on SDXL: no attention at level 1
+    base = generate(pipe, guidance_scale=guidance, height=32, width=48, steps=3)
     tomesd.apply_patch(pipe, **options)
     torch.manual_seed(7)  # tomesd forks the global generator at its first draw
     ref = generate(pipe, guidance_scale=guidance, height=32, width=48, steps=3)
     tomesd.remove_patch(pipe)
     tm.apply(pipe, tm.ToMeSD(**options, seed=7))
     ours = generate(pipe, guidance_scale=guidance, height=32, width=48, steps=3)
-    base = generate(pipe.__class__(**pipe.components), guidance_scale=guidance, height=32, width=48, steps=3)
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
     assert (ours - base).abs().max() > 100 * (ours - ref).abs().max()  # the merge did something
 
 
@@ -139,7 +139,7 @@ def test_catome_matches_reference_on_its_call_path() -> None:
     base = fresh("a red cube", generator=torch.Generator().manual_seed(0), **kwargs).images
     tm.apply(fresh, tm.CAToMe(threshold=0.2, schedule=ours_schedule, batch="max", seed=3))
     ours = fresh("a red cube", generator=torch.Generator().manual_seed(0), **kwargs).images
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
     assert (ours - base).abs().max() > 100 * (ours - ref).abs().max()
 
 
@@ -167,8 +167,8 @@ def test_catome_pairs_recomputed_only_at_checkpoints(pipe, monkeypatch: pytest.M
     assert pipe.unet._tokenmerge.num_steps == 10 and len(made) == 6 * sites
     assert torch.equal(generate(pipe, steps=10, guidance_scale=5.0), first)  # no stale pairs from image 1
     made.clear()
-    generate(pipe, steps=20, guidance_scale=5.0)  # 0..3, 5, 7, 10, 15: scaled to the new step count
-    assert len(made) == len(method.checkpoints(20)) * sites == 8 * sites
+    generate(pipe, steps=20, guidance_scale=5.0)  # scaled to the new step count: 0, 1, 2, 4, 6, 10, 14
+    assert method.checkpoints(20) == {0, 1, 2, 4, 6, 10, 14} and len(made) == 7 * sites
 
 
 def test_catome_per_sample_is_independent_of_batch_mates() -> None:
@@ -231,3 +231,51 @@ def _pick(value, i: int):
     if isinstance(value, dict):
         return {k: _pick(v, i) for k, v in value.items()}
     return value
+
+
+def test_slot_merge_ops() -> None:
+    from tokenmerge.ops.bipartite import bipartite_match, cell_destinations, slot_merge
+    from tokenmerge.ops.downsample import downsample_tokens
+
+    x = torch.randn(2, 5 * 7, 8)
+    dst = cell_destinations(5, 7, generator=torch.Generator().manual_seed(0))
+    assert dst.numel() == 2 * 3 and len(set(dst.tolist())) == 6
+    src, best, match = bipartite_match(x, dst)
+    nothing = slot_merge(35, dst, src, match, torch.zeros_like(best, dtype=torch.bool), x.dtype)
+    assert nothing.key_bias is None and torch.equal(nothing.unmerge(nothing.merge(x)), x)
+    merged = torch.zeros_like(best, dtype=torch.bool)
+    merged[0, :4] = True  # sample 0 merges 4 sources, sample 1 none: padded to 35 rows
+    plan = slot_merge(35, dst, src, match, merged, x.dtype)
+    assert plan.num_merged == 35 and plan.key_bias is not None
+    assert (plan.key_bias[0, 0] < 0).sum() == 4 and (plan.key_bias[1] == 0).all()
+    y = plan.merge(x)
+    j = match[0, 0]
+    group = [dst[j]] + [src[i] for i in range(4) if match[0, i] == j]
+    torch.testing.assert_close(y[0, j], x[0, group].mean(0))
+    assert torch.equal(plan.unmerge(y)[1], x[1])
+    grid = torch.arange(20.0).view(1, 20, 1)
+    assert downsample_tokens(grid, (4, 5), 2).flatten().tolist() == [0, 2, 4, 10, 12, 14]
+
+
+def test_todo_block_matches_explicit_math() -> None:
+    """A ToDo block computes x + attn1(g(x), K/V from the 2x-downsampled g(x)) + (cross, MLP unchanged)."""
+    unet = build_unet("tiny-sd15")
+    tm.apply(unet, tm.ToDo(factor=2))
+    site = unet._tokenmerge.sites[0]
+    captured = {}
+    handle = site.block.register_forward_hook(
+        lambda m, args, kwargs, out: captured.update(x=args[0], kwargs=kwargs, out=out, hw=site.grid.hw),
+        with_kwargs=True,
+    )
+    with torch.no_grad():
+        unet(**unet_inputs(unet, 2, 16, 16))
+    handle.remove()
+    tm.remove(unet)
+    block, x, enc, (h, w) = site.block, captured["x"], captured["kwargs"]["encoder_hidden_states"], captured["hw"]
+    with torch.no_grad():
+        n1 = block.norm1(x)
+        kv = n1.view(2, h, w, -1)[:, ::2, ::2].flatten(1, 2)
+        out = x + block.attn1(n1, encoder_hidden_states=kv)
+        out = out + block.attn2(block.norm2(out), encoder_hidden_states=enc)
+        out = out + block.ff(block.norm3(out))
+    torch.testing.assert_close(captured["out"], out, rtol=1e-5, atol=1e-5)

@@ -22,6 +22,13 @@ from tokenmerge.adapters.unet import UNetAdapter
 from tokenmerge.methods.base import Method, Plan
 
 _ATTR = "_tokenmerge"
+#: diffusers attention processors that take keys/values from ``encoder_hidden_states`` when given (from the queries'
+#: tokens otherwise) and add ``attention_mask`` to the scores: the only ones a keys/values plan (ToDo) changes and the
+#: only ones a plan's ``key_bias`` can go to. Joint-attention processors (SD3, Flux) project ``encoder_hidden_states``
+#: as text tokens instead, so ToDo leaves blocks using them unchanged.
+PLAIN_PROCESSORS = frozenset(
+    {"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor", "AttnProcessorNPU"}
+)
 ADAPTERS: dict[str, type[Adapter]] = {
     "UNet2DConditionModel": UNetAdapter,
     "FluxTransformer2DModel": FluxAdapter,
@@ -153,8 +160,10 @@ class MergeState:
             kv = getattr(plan, "kv", None)
             if kv is not None:  # keys/values plan: queries keep every token, self-attention K/V = kv(x), no unmerge
                 stack.append(None)
-                if role != "attn":
-                    return None
+                context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
+                processor = type(getattr(module, "processor", None)).__name__
+                if role != "attn" or context is not None or processor not in PLAIN_PROCESSORS:
+                    return None  # only a plain self-attention's K/V can be replaced (joint attention: untouched)
                 if len(args) > 1:
                     return (args[0], kv(x), *args[2:]), kwargs
                 return args, {**kwargs, "encoder_hidden_states": kv(x)}
@@ -162,6 +171,7 @@ class MergeState:
             self.merging[id(site), role] = plan
             bias = getattr(plan, "key_bias", None) if role == "attn" else None
             if bias is not None:  # padded rows of a per-sample merge: masked out as keys
+                _check_key_bias(module, site)
                 kwargs = {**kwargs, "attention_mask": bias}
             if args:
                 return (plan.merge(x), *args[1:]), kwargs
@@ -185,9 +195,12 @@ class MergeState:
         def merge(module: nn.Module, args: tuple, output: Any) -> Any:
             plan, x = self.plans.get(id(site)), output[0] if isinstance(output, tuple) else output
             n = site.grid.hw[0] * site.grid.hw[1] if site.grid.hw is not None else 0
-            if plan is None or not isinstance(x, torch.Tensor) or x.ndim != 3 or not 0 < n <= x.shape[1]:
+            ok = plan is not None and hasattr(plan, "merge") and isinstance(x, torch.Tensor) and x.ndim == 3
+            if not ok or not 0 < n <= x.shape[1]:
                 stack.append(None)
                 return None
+            if getattr(plan, "key_bias", None) is not None:
+                _check_key_bias(None, site)
             prefix = x.shape[1] - n
             stack.append((plan, prefix))
             self.merging[id(site), role] = plan
@@ -220,6 +233,15 @@ class MergeState:
 
             handles.append(module.register_forward_hook(post))
         return handles
+
+
+def _check_key_bias(module: nn.Module | None, site: Site) -> None:
+    processor = type(getattr(module, "processor", None)).__name__
+    if processor not in PLAIN_PROCESSORS:
+        raise ValueError(
+            f"{site.name}: this plan pads rows that must be masked as keys, which {processor} attention cannot take "
+            "(e.g. CA-ToMe batch='sample' on a joint-attention model): use batch='min' or batch='max' here"
+        )
 
 
 def _on_image(output: Any, fn: Any) -> Any:

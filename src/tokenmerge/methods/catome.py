@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from tokenmerge.methods.base import Method, check_common
+from tokenmerge.methods.base import Method, check_common, parse_blocks
 from tokenmerge.methods.tomesd import check_cells, generation_rng
 from tokenmerge.ops.bipartite import SlotMerge, bipartite_match, cell_destinations, slot_merge, top_sources
 
@@ -45,7 +45,9 @@ class CAToMe(Method):
       mates and of the other guidance half. Samples with fewer merges keep more rows; the others are padded to the
       batch's longest with zero rows that self-attention masks out as keys (an additive ``-inf``-like key bias, so
       the softmax is exactly that of the sample alone; padded query rows are computed and discarded). Cost: every
-      sample runs at the longest sample's length, and the mask rules out flash kernels on GPU.
+      sample runs at the longest sample's length, and the mask (always passed, so that shapes and kernels do not
+      depend on the content) rules out flash kernels on GPU. Needs a plain self-attention processor that takes an
+      ``attention_mask`` (UNets, PixArt); joint-attention models (Flux, SD3) raise ``ValueError``: use ``"min"``.
     - ``"max"``: the reference: ``r = max_b count_b``; every sample merges its top ``r`` sources (some below the
       threshold), so batch mates change each other's result.
     - ``"min"``: ``r = min_b count_b``: only pairs above the threshold merge in every sample (conservative).
@@ -62,7 +64,8 @@ class CAToMe(Method):
         batch: ``"sample"``, ``"max"`` or ``"min"`` (see above).
         bucket: static shapes for ``torch.compile``: the merged length is rounded up to a multiple of ``bucket``
             (``"sample"``: more padding rows; ``"max"``/``"min"``: fewer merged sources).
-        max_downsample, sx, sy, use_rand, merge_attn, merge_crossattn, merge_mlp, seed, steps: as :class:`ToMeSD`
+        max_downsample, sx, sy, use_rand, merge_attn, merge_crossattn, merge_mlp, seed, steps, blocks: as
+            :class:`ToMeSD`
             (``use_rand`` is turned off for odd batch sizes, as in the reference).
     """
 
@@ -80,6 +83,7 @@ class CAToMe(Method):
     merge_mlp: bool = False
     seed: int | None = None
     steps: Collection[int] | None = field(default=None)
+    blocks: Mapping[str, object] | None = field(default=None)
 
     cache_scope = "block"
 
@@ -92,7 +96,7 @@ class CAToMe(Method):
                 raise ValueError(f"unknown schedule {sched!r}; choose from {', '.join(SCHEDULES)}, an int or steps")
         elif isinstance(sched, int):
             if sched < 1:
-                raise ValueError(f"an every-n schedule needs n >= 1, got {sched}")
+                raise ValueError(f"an every-n schedule must have n >= 1, got {sched}")
         elif not all(isinstance(s, int) and s >= 0 for s in sched):
             raise ValueError(f"schedule steps must be non-negative integers, got {sched!r}")
         if self.num_steps is not None and (int(self.num_steps) != self.num_steps or self.num_steps < 1):
@@ -105,6 +109,7 @@ class CAToMe(Method):
         if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
             raise ValueError("at least one of merge_attn, merge_crossattn, merge_mlp must be set")
         check_common(self.max_downsample, self.steps)
+        object.__setattr__(self, "blocks", parse_blocks(self.blocks))
 
     @property
     def roles(self) -> frozenset[str]:
@@ -140,8 +145,8 @@ class CAToMe(Method):
         src, best, match = bipartite_match(x, dst)
         above = best >= self.threshold
         if self.batch == "sample":
-            return slot_merge(n, dst, src, match, above, x.dtype, self.bucket)
+            return slot_merge(n, dst, src, match, above, x.dtype, self.bucket, key_bias=True)
         counts = above.sum(-1)
         r = int(counts.max() if self.batch == "max" else counts.min())
         rows = min(n, -(-(n - r) // self.bucket) * self.bucket)
-        return slot_merge(n, dst, src, match, top_sources(best, n - rows), x.dtype)
+        return slot_merge(n, dst, src, match, top_sources(best, n - rows), x.dtype, key_bias=False)

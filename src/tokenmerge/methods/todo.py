@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from tokenmerge.methods.base import Method, check_common
+from tokenmerge.methods.base import Method, check_common, parse_blocks
 from tokenmerge.ops.downsample import downsample_tokens
 
 
@@ -37,16 +37,19 @@ class ToDo(Method):
         max_downsample: downsample in blocks whose grid is at most this many times smaller than the latent (1: the
             highest-resolution level, the reference setting for SD 1.x; SDXL has attention from level 2 on).
         steps: 0-based denoising steps at which downsampling is active (``None``: all).
+        blocks: diffusion transformers: block index ranges per block kind, as :class:`tokenmerge.ToMA`.
     """
 
     factor: int = 2
     max_downsample: int = 1
     steps: Collection[int] | None = field(default=None)
+    blocks: Mapping[str, object] | None = field(default=None)
 
     def __post_init__(self) -> None:
         if int(self.factor) != self.factor or self.factor < 1:
             raise ValueError(f"factor must be a positive integer, got {self.factor!r}")
         check_common(self.max_downsample, self.steps)
+        object.__setattr__(self, "blocks", parse_blocks(self.blocks))
 
     @property
     def roles(self) -> frozenset[str]:

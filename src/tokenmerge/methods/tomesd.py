@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from tokenmerge.methods.base import Method, check_common
+from tokenmerge.methods.base import Method, check_common, parse_blocks
 from tokenmerge.ops.bipartite import SlotMerge, bipartite_match, cell_destinations, slot_merge, top_sources
 
 
@@ -55,6 +55,7 @@ class ToMeSD(Method):
         seed: seed of the destination draws, re-seeded at every generation; ``None`` forks torch's global generator
             at the start of each generation (see :func:`generation_rng`).
         steps: 0-based denoising steps at which merging is active (``None``: all).
+        blocks: diffusion transformers: block index ranges per block kind, as :class:`tokenmerge.ToMA`.
     """
 
     ratio: float = 0.5
@@ -67,6 +68,7 @@ class ToMeSD(Method):
     merge_mlp: bool = False
     seed: int | None = None
     steps: Collection[int] | None = field(default=None)
+    blocks: Mapping[str, object] | None = field(default=None)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -75,6 +77,7 @@ class ToMeSD(Method):
         if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
             raise ValueError("at least one of merge_attn, merge_crossattn, merge_mlp must be set")
         check_common(self.max_downsample, self.steps)
+        object.__setattr__(self, "blocks", parse_blocks(self.blocks))
 
     @property
     def roles(self) -> frozenset[str]:
@@ -93,4 +96,4 @@ class ToMeSD(Method):
         rng = generation_rng(cache, self.seed) if self.use_rand and x.shape[0] % 2 == 0 else None
         dst = cell_destinations(h, w, self.sx, self.sy, rng, x.device)
         src, best, match = bipartite_match(x, dst)
-        return slot_merge(h * w, dst, src, match, top_sources(best, min(r, src.numel())), x.dtype)
+        return slot_merge(h * w, dst, src, match, top_sources(best, min(r, src.numel())), x.dtype, key_bias=False)

@@ -65,12 +65,15 @@ def top_sources(best: torch.Tensor, r: int | torch.Tensor) -> torch.Tensor:
 class SlotMerge:
     """A hard merge of ``(B, N, C)`` tokens into ``(B, K, C)`` rows by ``slot`` ``(B, N)``; see the module doc.
 
-    ``counts`` ``(B, K)``: tokens per row (0 for padding). ``key_bias`` ``(B, 1, K)`` additive self-attention key
-    bias (0 for real rows, a large negative number for padding), or ``None`` when no sample has padding.
+    ``counts`` ``(B, K)``: tokens per row (0 for padding). ``dest`` ``(B, K)``: grid index of every row's position
+    (its destination, or the token itself; 0 for padding), for rotary embeddings. ``key_bias`` ``(B, 1, K)``
+    additive self-attention key bias (0 for real rows, a large negative number for padding), or ``None`` when no
+    sample has padding.
     """
 
     slot: torch.Tensor
     counts: torch.Tensor
+    dest: torch.Tensor
     key_bias: torch.Tensor | None = None
 
     @property
@@ -97,12 +100,14 @@ def slot_merge(
     merged: torch.Tensor,
     dtype: torch.dtype,
     multiple: int = 1,
+    key_bias: bool | None = None,
 ) -> SlotMerge:
     """Build the :class:`SlotMerge` where destination ``j`` is row ``j``, every ``merged`` source ``(B, S)`` joins
     its ``match``'s row and every other source gets a row of its own (after the destinations, in ``src`` order).
 
     Samples merging different numbers of sources get ``K = D + max_b(#unmerged_b)`` rows (rounded up to a
-    ``multiple``); shorter ones are padded.
+    ``multiple``); shorter ones are padded. ``key_bias``: build the key bias always (``True``), never (``False``) or
+    only when there is padding (``None``; a host sync).
     """
     b, d = match.shape[0], dst.numel()
     kept = (~merged).long()
@@ -113,8 +118,11 @@ def slot_merge(
     rows = d + int(kept.sum(-1).max()) if kept.numel() else d
     rows = min(n, -(-rows // multiple) * multiple)
     counts = torch.zeros(b, rows, dtype=torch.long, device=match.device).scatter_add_(1, slot, torch.ones_like(slot))
-    key_bias = None
-    if bool((counts == 0).any()):
-        key_bias = torch.zeros(b, 1, rows, dtype=dtype, device=match.device)
-        key_bias.masked_fill_((counts == 0).unsqueeze(1), torch.finfo(dtype).min)
-    return SlotMerge(slot, counts, key_bias)
+    position = torch.zeros(b, rows, dtype=torch.long, device=match.device)
+    position.scatter_(1, slot[:, src], src.expand(b, -1))  # merged sources land on destination rows: overwritten
+    position[:, :d] = dst
+    bias = None
+    if key_bias or (key_bias is None and bool((counts == 0).any())):
+        bias = torch.zeros(b, 1, rows, dtype=dtype, device=match.device)
+        bias.masked_fill_((counts == 0).unsqueeze(1), torch.finfo(dtype).min)
+    return SlotMerge(slot, counts, position, bias)
