@@ -283,6 +283,37 @@ def test_flux_unknown_token_layout_runs_unmerged() -> None:
         assert torch.equal(model(**inputs).sample, base)
 
 
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+def test_half_precision(name: str) -> None:
+    model = build_dit(name, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    if name == "tiny-flux":
+        rows, cols = torch.meshgrid(torch.arange(6), torch.arange(10), indexing="ij")
+        inputs = dict(
+            hidden_states=torch.randn(2, 60, 16, generator=g),
+            encoder_hidden_states=torch.randn(2, 5, 32, generator=g),
+            pooled_projections=torch.randn(2, 32, generator=g),
+            timestep=torch.tensor([0.5, 0.5]),
+            img_ids=torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float(),
+            txt_ids=torch.zeros(5, 3),
+            guidance=torch.tensor([3.5, 3.5]),
+        )
+        method = tm.ToMA(ratio=0.5, blocks=ALL_FLUX)
+    else:
+        inputs = dict(
+            hidden_states=torch.randn(2, 4, 12, 20, generator=g),
+            encoder_hidden_states=torch.randn(2, 5, 64, generator=g),
+            pooled_projections=torch.randn(2, 64, generator=g),
+            timestep=torch.tensor([500, 500]),
+        )
+        method = tm.ToMA(ratio=0.5)
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() and k != "img_ids" else v for k, v in inputs.items()}
+    tm.apply(model, method)
+    with torch.no_grad():
+        out = model(**inputs).sample
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
 def test_flux_default_placement_leaves_first_five_full() -> None:
     model = build_dit("tiny-flux", num_layers=7, num_single_layers=8)
     tm.apply(model, tm.ToMA(ratio=0.5))

@@ -100,11 +100,13 @@ class FluxAdapter(Adapter):
 
     def sites(self) -> list[Site]:
         slot = self.slot
+        drop_rotary = _drop_rotary(slot)
         sites = []
         for i, block in enumerate(self.model.transformer_blocks):
             attn = block.attn
             img, txt = _rotary_hook(slot, "image"), _rotary_hook(slot, "text")
-            maps = [(attn.norm_q, img), (attn.norm_k, img), (attn.norm_added_q, txt), (attn.norm_added_k, txt)]
+            norms = [getattr(attn, n, None) for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")]
+            maps = list(zip(norms, (img, img, txt, txt), strict=True))
             sites.append(
                 Site(
                     f"transformer_blocks.{i}",
@@ -115,7 +117,7 @@ class FluxAdapter(Adapter):
                     slot,
                     kind="double",
                     index=i,
-                    kwarg_maps={"attn": [(attn, _drop_rotary)]},
+                    kwarg_maps={"attn": [(attn, drop_rotary)]},
                     output_maps={"attn": _checked(maps)},
                 )
             )
@@ -132,8 +134,8 @@ class FluxAdapter(Adapter):
                     kind="single",
                     index=i,
                     spans={"attn": (block.norm, block.proj_out)},
-                    kwarg_maps={"attn": [(attn, _drop_rotary)]},
-                    output_maps={"attn": _checked([(attn.norm_q, joint), (attn.norm_k, joint)])},
+                    kwarg_maps={"attn": [(attn, drop_rotary)]},
+                    output_maps={"attn": _checked([(getattr(attn, n, None), joint) for n in ("norm_q", "norm_k")])},
                 )
             )
         return sites
@@ -163,9 +165,17 @@ class FluxAdapter(Adapter):
         return tuple(x.shape), _scalar(t)
 
 
-def _drop_rotary(kwargs: dict, plan: Any) -> dict:
-    """The attention of a merged block gets no rotary tables: the norm hooks rotate per sample instead."""
-    return {**kwargs, "image_rotary_emb": None} if kwargs.get("image_rotary_emb") is not None else kwargs
+def _drop_rotary(slot: RotarySlot):
+    """Keyword map of a merged block's attention: no rotary tables (the norm hooks rotate per sample instead)."""
+
+    def drop(kwargs: dict, plan: Any) -> dict:
+        if kwargs.get("image_rotary_emb") is None:
+            return kwargs
+        if slot.freqs is None:
+            raise ValueError("Flux rotary tables were not recorded from pos_embed; cannot merge this call")
+        return {**kwargs, "image_rotary_emb": None}
+
+    return drop
 
 
 def _rotary_hook(slot: RotarySlot, part: str):
