@@ -1,0 +1,5 @@
+"""Benchmark and evaluation harness behind the ``tokenmerge`` command line (``tokenmerge bench`` / ``eval``)."""
+
+from tokenmerge.harness.registry import HarnessError, MethodSpec, architectures, methods, parse_method
+
+__all__ = ["HarnessError", "MethodSpec", "architectures", "methods", "parse_method"]
