@@ -7,6 +7,8 @@ column forced one-hot; merge ``Y = M @ X`` with ``M = A / rowsum(A)``; unmerge `
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +87,16 @@ class TileMerge:
         return self.grid.unfold(tiles)
 
 
+USE_TRITON: bool = os.environ.get("TOKENMERGE_TRITON", "1") != "0" and importlib.util.find_spec("triton") is not None
+"""Whether :func:`toma_merge` may take the fused Triton path on CUDA (env ``TOKENMERGE_TRITON=0`` at import, or set
+this to False, forces the torch path)."""
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether :func:`toma_merge` builds the merge of ``x`` with the Triton kernels (``ops/triton_toma.py``)."""
+    return USE_TRITON and x.is_cuda
+
+
 def toma_merge(
     x: torch.Tensor,
     grid: TileGrid,
@@ -95,7 +107,23 @@ def toma_merge(
     """Build the ToMA merge of ``x`` ``(B, N, C)`` on ``grid``; reuses tile-local ``dest`` if given.
 
     Returns the merge and the tile-local destinations (one ``(B, T_r, k_r)`` tensor per region) for later reuse.
+    Dispatches to the fused Triton kernels when :func:`use_triton`, else to :func:`toma_merge_torch`.
     """
+    if use_triton(x):
+        from tokenmerge.ops.triton_toma import toma_merge_triton
+
+        return toma_merge_triton(x, grid, ratio, tau, dest)
+    return toma_merge_torch(x, grid, ratio, tau, dest)
+
+
+def toma_merge_torch(
+    x: torch.Tensor,
+    grid: TileGrid,
+    ratio: float,
+    tau: float = 1000.0,
+    dest: list[torch.Tensor] | None = None,
+) -> tuple[TileMerge, list[torch.Tensor]]:
+    """The pure-torch :func:`toma_merge` (any device)."""
     tiles = grid.fold(x)
     if dest is None:
         dest = [select_destinations(t, keep_count(t.shape[2], ratio)) for t in tiles]
