@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -163,7 +164,7 @@ def test_bad_input_one_line_nonzero(
     err = capsys.readouterr().err
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("tokenmerge: error: "), err
-    assert pytest.importorskip("re").search(message, err), err
+    assert re.search(message, err), err
     assert not out.exists() and not (tmp_path / ".out.partial").exists()
 
 
