@@ -352,3 +352,17 @@ def _hook_count(module: nn.Module) -> int:
     return sum(
         len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._forward_hooks_with_kwargs) for m in module.modules()
     )
+
+
+def test_flux_dev_architecture_is_real_size() -> None:
+    """The built-in ``flux-dev`` config has Flux.1-dev's 11.9B parameters (built on the meta device: no memory)."""
+    from diffusers import FluxTransformer2DModel
+
+    from tokenmerge.archs import DIT_CONFIGS, tiny_pipeline
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**DIT_CONFIGS["flux-dev"])
+    assert 11.8e9 < sum(p.numel() for p in model.parameters()) < 12.0e9
+    assert len(model.transformer_blocks) == 19 and len(model.single_transformer_blocks) == 38
+    with pytest.raises(ValueError, match="no tiny pipeline"):
+        tiny_pipeline("flux-dev")

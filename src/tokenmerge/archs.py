@@ -169,6 +169,19 @@ def _tiny_t5_encoder(hidden: int, seed: int = 0) -> Any:
 #: Tiny diffusion-transformer configs (random weights) for tests: Flux (packed 2x2 latents, rotary), SD3.5-like (block
 #: 0 has the extra self-attention ``attn2``, RMS qk-norm) and PixArt-alpha (``ada_norm_single``, learned sigma).
 DIT_CONFIGS: dict[str, dict[str, Any]] = {
+    # Real-size Flux.1-dev (12B parameters, random weights): for GPU latency runs.
+    "flux-dev": dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=19,
+        num_single_layers=38,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    ),
     "tiny-flux": dict(
         patch_size=1,
         in_channels=16,
@@ -213,15 +226,16 @@ DIT_CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def build_dit(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: Any) -> torch.nn.Module:
-    """A Flux, SD3 or PixArt transformer of a built-in tiny config (``overrides`` change it) with seeded random
-    weights, in eval mode."""
+    """A Flux, SD3 or PixArt transformer of a built-in config (``overrides`` change it) with seeded random
+    weights, in eval mode. The family is the name's first word after an optional ``tiny-``."""
     from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
 
     classes = {"flux": FluxTransformer2DModel, "sd3": SD3Transformer2DModel, "pixart": PixArtTransformer2DModel}
     if name not in DIT_CONFIGS:
         raise ValueError(f"unknown architecture {name!r}; choose from {', '.join(DIT_CONFIGS)}")
     torch.manual_seed(seed)
-    model = classes[name.removeprefix("tiny-")](**{**DIT_CONFIGS[name], **overrides}).eval()
+    family = name.removeprefix("tiny-").split("-")[0]
+    model = classes[family](**{**DIT_CONFIGS[name], **overrides}).eval()
     return model if dtype == torch.float32 else model.to(dtype)
 
 
@@ -231,6 +245,9 @@ def tiny_pipeline(name: str) -> Any:
     under a second on a CPU. Every module is in eval mode (T5 dropout would break determinism)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if not name.startswith("tiny-") or name not in UNET_CONFIGS | DIT_CONFIGS:
+        tiny = [n for n in (*UNET_CONFIGS, *DIT_CONFIGS) if n.startswith("tiny-")]
+        raise ValueError(f"no tiny pipeline {name!r}; choose from {', '.join(tiny)}")
     if name in DIT_CONFIGS:
         return _tiny_dit_pipeline(name)
 
@@ -249,17 +266,15 @@ def tiny_pipeline(name: str) -> Any:
             feature_extractor=None,
             requires_safety_checker=False,
         )
-    if name == "tiny-sdxl":
-        return StableDiffusionXLPipeline(
-            vae=_tiny_vae(),
-            text_encoder=_tiny_text_encoder(32),
-            text_encoder_2=_tiny_text_encoder(32, projection=32, seed=1),
-            tokenizer=_tiny_tokenizer(),
-            tokenizer_2=_tiny_tokenizer(),
-            unet=unet,
-            scheduler=scheduler,
-        )
-    raise ValueError(f"no tiny pipeline {name!r}; choose tiny-sd15, tiny-sdxl, {', '.join(DIT_CONFIGS)}")
+    return StableDiffusionXLPipeline(  # tiny-sdxl
+        vae=_tiny_vae(),
+        text_encoder=_tiny_text_encoder(32),
+        text_encoder_2=_tiny_text_encoder(32, projection=32, seed=1),
+        tokenizer=_tiny_tokenizer(),
+        tokenizer_2=_tiny_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+    )
 
 
 def _tiny_dit_pipeline(name: str) -> Any:
