@@ -12,15 +12,12 @@ turn), median over rounds. Prints speed ratio, FLOP ratio, the share of the FLOP
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import time
-from datetime import date
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import print_table, summarise, write_results
 
 import tokenmerge as tm
 from tokenmerge.flops import count_flops
@@ -105,34 +102,11 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
-    base_t, base_f, base_out = statistics.median(times["baseline"]), flops["baseline"], outputs["baseline"]
-    rows = []
-    for name in configs:
-        t = statistics.median(times[name])
-        speed, flop_ratio = base_t / t, base_f / flops[name]
-        ideal = 1 - 1 / flop_ratio
-        dev = ((outputs[name] - base_out).norm() / base_out.norm()).item()
-        rows.append(
-            dict(
-                config=name,
-                median_s=round(t, 3),
-                times_s=[round(x, 3) for x in times[name]],
-                tflop=round(flops[name] / 1e12, 3),
-                speedup=round(speed, 3),
-                flop_ratio=round(flop_ratio, 3),
-                realised=round((1 - 1 / speed) / ideal, 3) if ideal > 0 else None,
-                rel_l2_deviation=round(dev, 4),
-            )
-        )
-    cols = ("median s", 9), ("TFLOP", 7), ("speedup", 8), ("FLOP x", 7), ("realised", 9), ("rel. dev", 9)
-    print(f"{'config':12s} " + " ".join(f"{c:>{w}s}" for c, w in cols))
-    for row in rows:
-        realised = "-" if row["realised"] is None else f"{row['realised']:.0%}"
-        print(
-            f"{row['config']:12s} {row['median_s']:9.2f} {row['tflop']:7.2f} {row['speedup']:8.3f} "
-            f"{row['flop_ratio']:7.3f} {realised:>9s} {row['rel_l2_deviation']:9.4f}"
-        )
-    meta = dict(
+    rows = summarise(times, outputs, flops)
+    print_table(rows)
+    write_results(
+        args.out,
+        rows,
         arch="flux-dev width, reduced depth",
         double_blocks=args.double,
         single_blocks=args.single,
@@ -141,14 +115,7 @@ def main() -> None:
         batch=1,
         rounds=args.rounds,
         dtype="float32",
-        torch=torch.__version__,
-        threads=torch.get_num_threads(),
-        machine=platform.processor() or platform.machine(),
-        date=date.today().isoformat(),
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -14,15 +14,12 @@ its blocks read.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import time
 from collections.abc import Callable
-from datetime import date
 from pathlib import Path
 
 import torch
+from _common import print_table, summarise, write_results
 
 import tokenmerge as tm
 from tokenmerge.archs import build_unet, unet_inputs
@@ -125,37 +122,9 @@ def main() -> None:
             unpatch(unet)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
-    base_t, base_out = statistics.median(times["baseline"]), outputs["baseline"]
-    rows = []
-    for name in configs:
-        t = statistics.median(times[name])
-        dev = ((outputs[name] - base_out).norm() / base_out.norm()).item()
-        rows.append(
-            dict(
-                config=name,
-                median_s=round(t, 4),
-                times_s=[round(x, 4) for x in times[name]],
-                speedup=round(base_t / t, 3),
-                rel_l2_deviation=round(dev, 4),
-            )
-        )
-    print(f"{'config':30s} {'median s':>9s} {'speedup':>8s} {'rel. dev':>9s}")
-    for row in rows:
-        print(f"{row['config']:30s} {row['median_s']:9.3f} {row['speedup']:8.3f} {row['rel_l2_deviation']:9.4f}")
-    meta = dict(
-        arch="sd15",
-        latent=args.size,
-        batch=args.batch,
-        rounds=args.rounds,
-        dtype="float32",
-        torch=torch.__version__,
-        threads=torch.get_num_threads(),
-        machine=platform.processor() or platform.machine(),
-        date=date.today().isoformat(),
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
-    print(f"wrote {args.out}")
+    rows = summarise(times, outputs)
+    print_table(rows)
+    write_results(args.out, rows, arch="sd15", latent=args.size, batch=args.batch, rounds=args.rounds, dtype="float32")
 
 
 if __name__ == "__main__":

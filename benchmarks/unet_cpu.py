@@ -10,15 +10,12 @@ FLOP-ideal saving realised ((1 - t/t0) / (1 - F/F0)) and the output deviation fr
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import time
 from collections.abc import Callable
-from datetime import date
 from pathlib import Path
 
 import torch
+from _common import print_table, summarise, write_results
 
 import tokenmerge as tm
 from tokenmerge.archs import build_unet, unet_inputs
@@ -92,46 +89,11 @@ def main() -> None:
             unpatch(unet)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
 
-    base_t, base_f, base_out = statistics.median(times["baseline"]), flops["baseline"], outputs["baseline"]
-    rows = []
-    for name in configs:
-        t = statistics.median(times[name])
-        speed, flop_ratio = base_t / t, base_f / flops[name]
-        ideal = 1 - 1 / flop_ratio
-        dev = ((outputs[name] - base_out).norm() / base_out.norm()).item()
-        rows.append(
-            dict(
-                config=name,
-                median_s=round(t, 4),
-                times_s=[round(x, 4) for x in times[name]],
-                speedup=round(speed, 3),
-                flop_ratio=round(flop_ratio, 3),
-                realised=round((1 - 1 / speed) / ideal, 3) if ideal > 0 else None,
-                rel_l2_deviation=round(dev, 4),
-            )
-        )
-    header = f"{'config':26s} {'median s':>9s} {'speedup':>8s} {'FLOP x':>7s} {'realised':>9s} {'rel. dev':>9s}"
-    print(header)
-    for row in rows:
-        realised = "-" if row["realised"] is None else f"{row['realised']:.0%}"
-        print(
-            f"{row['config']:26s} {row['median_s']:9.3f} {row['speedup']:8.3f} {row['flop_ratio']:7.3f} "
-            f"{realised:>9s} {row['rel_l2_deviation']:9.4f}"
-        )
-    meta = dict(
-        arch=args.arch,
-        latent=args.size,
-        batch=args.batch,
-        rounds=args.rounds,
-        dtype="float32",
-        torch=torch.__version__,
-        threads=torch.get_num_threads(),
-        machine=platform.processor() or platform.machine(),
-        date=date.today().isoformat(),
+    rows = summarise(times, outputs, flops)
+    print_table(rows)
+    write_results(
+        args.out, rows, arch=args.arch, latent=args.size, batch=args.batch, rounds=args.rounds, dtype="float32"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(meta=meta, results=rows), indent=2) + "\n")
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
