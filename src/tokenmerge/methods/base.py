@@ -68,6 +68,14 @@ class Method(ABC):
         """Plan the merge of block tokens ``x`` ``(B, H*W, C)`` on an ``H x W`` grid at denoising ``step``."""
 
 
+def flag_roles(merge_attn: bool, merge_crossattn: bool, merge_mlp: bool) -> frozenset[str]:
+    """The roles switched on by the ``merge_attn`` / ``merge_crossattn`` / ``merge_mlp`` flags (at least one)."""
+    roles = frozenset(role for role, on in zip(ROLES, (merge_attn, merge_crossattn, merge_mlp), strict=True) if on)
+    if not roles:
+        raise ValueError("at least one of merge_attn, merge_crossattn, merge_mlp must be set")
+    return roles
+
+
 def check_common(max_downsample: int, steps: Collection[int] | None) -> None:
     """Validate the options all methods share."""
     if max_downsample < 1 or max_downsample & (max_downsample - 1):

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tokenmerge.methods.base import Method, check_common, parse_blocks
+from tokenmerge.methods.base import Method, check_common, flag_roles, parse_blocks
 from tokenmerge.methods.tomesd import check_cells, generation_rng
 from tokenmerge.ops.bipartite import SlotMerge, bipartite_match, cell_destinations, slot_merge, top_sources
 
@@ -106,15 +106,13 @@ class CAToMe(Method):
         if int(self.bucket) != self.bucket or self.bucket < 1:
             raise ValueError(f"bucket must be a positive integer, got {self.bucket!r}")
         check_cells(self.sx, self.sy)
-        if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
-            raise ValueError("at least one of merge_attn, merge_crossattn, merge_mlp must be set")
+        flag_roles(self.merge_attn, self.merge_crossattn, self.merge_mlp)
         check_common(self.max_downsample, self.steps)
         object.__setattr__(self, "blocks", parse_blocks(self.blocks))
 
     @property
     def roles(self) -> frozenset[str]:
-        flags = {"attn": self.merge_attn, "cross": self.merge_crossattn, "mlp": self.merge_mlp}
-        return frozenset(role for role, on in flags.items() if on)
+        return flag_roles(self.merge_attn, self.merge_crossattn, self.merge_mlp)
 
     def checkpoints(self, num_steps: int | None = None) -> frozenset[int] | None:
         """The 0-based checkpoint steps of a ``num_steps`` run (``None`` for an every-n schedule: ``step % n == 0``)."""

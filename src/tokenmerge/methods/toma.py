@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tokenmerge.methods.base import Method, check_common, parse_blocks
+from tokenmerge.methods.base import Method, check_common, flag_roles, parse_blocks
 from tokenmerge.ops.tiles import TileGrid
 from tokenmerge.ops.toma import TileMerge, toma_merge
 
@@ -56,15 +56,13 @@ class ToMA(Method):
             raise ValueError(f"tau must be positive, got {self.tau}")
         if self.dest_every < 1 or self.weight_every < 1:
             raise ValueError("dest_every and weight_every must be >= 1")
-        if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
-            raise ValueError("at least one of merge_attn, merge_crossattn, merge_mlp must be set")
+        flag_roles(self.merge_attn, self.merge_crossattn, self.merge_mlp)
         check_common(self.max_downsample, self.steps)
         object.__setattr__(self, "blocks", parse_blocks(self.blocks))
 
     @property
     def roles(self) -> frozenset[str]:
-        flags = {"attn": self.merge_attn, "cross": self.merge_crossattn, "mlp": self.merge_mlp}
-        return frozenset(role for role, on in flags.items() if on)
+        return flag_roles(self.merge_attn, self.merge_crossattn, self.merge_mlp)
 
     @property
     def is_identity(self) -> bool:

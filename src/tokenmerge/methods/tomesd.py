@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tokenmerge.methods.base import Method, check_common, parse_blocks
+from tokenmerge.methods.base import Method, check_common, flag_roles, parse_blocks
 from tokenmerge.ops.bipartite import SlotMerge, bipartite_match, cell_destinations, slot_merge, top_sources
 
 
@@ -74,15 +74,13 @@ class ToMeSD(Method):
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
         check_cells(self.sx, self.sy)
-        if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
-            raise ValueError("at least one of merge_attn, merge_crossattn, merge_mlp must be set")
+        flag_roles(self.merge_attn, self.merge_crossattn, self.merge_mlp)
         check_common(self.max_downsample, self.steps)
         object.__setattr__(self, "blocks", parse_blocks(self.blocks))
 
     @property
     def roles(self) -> frozenset[str]:
-        flags = {"attn": self.merge_attn, "cross": self.merge_crossattn, "mlp": self.merge_mlp}
-        return frozenset(role for role, on in flags.items() if on)
+        return flag_roles(self.merge_attn, self.merge_crossattn, self.merge_mlp)
 
     @property
     def is_identity(self) -> bool:
