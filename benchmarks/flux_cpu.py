@@ -20,26 +20,13 @@ import torch
 from _common import print_table, summarise, write_results
 
 import tokenmerge as tm
+from tokenmerge.archs import build_dit
 from tokenmerge.flops import count_flops
 
 
 def build_flux(double: int, single: int, seed: int = 0) -> torch.nn.Module:
-    """Flux-dev layout (width 3072, 24 heads of 128, T5 width 4096, guidance embedding) at the given depth."""
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(seed)
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=double,
-        num_single_layers=single,
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        pooled_projection_dim=768,
-        guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    ).eval()
+    """The built-in ``flux-dev`` layout (width 3072, 24 heads of 128, T5 width 4096) at the given depth."""
+    return build_dit("flux-dev", seed=seed, num_layers=double, num_single_layers=single)
 
 
 def flux_inputs(size: int, text: int, seed: int = 0) -> dict[str, Any]:
