@@ -1,4 +1,7 @@
-"""Every method x every UNet layout through the shared adapters, plus exactness against the reference packages."""
+"""ToMeSD, CA-ToMe and ToDo specifics: exactness against the reference packages, schedules, batch semantics, math.
+
+The method x architecture matrix (identity, ``remove``, fewer tokens, shape changes) is in ``test_matrix.py``.
+"""
 
 from __future__ import annotations
 
@@ -13,67 +16,9 @@ from .conftest import generate
 
 TEXT_LEN = 77
 
-#: name -> (a merging config on both layouts, its identity config or None)
-METHODS = {
-    "toma": (tm.ToMA(ratio=0.5), tm.ToMA(ratio=0.0)),
-    "tomesd": (tm.ToMeSD(ratio=0.5, max_downsample=2, seed=0), tm.ToMeSD(ratio=0.0)),
-    "catome": (tm.CAToMe(threshold=-1.0, schedule=2, max_downsample=2, seed=0), None),
-    "todo": (tm.ToDo(factor=2, max_downsample=2), tm.ToDo(factor=1)),
-}
-
 
 def self_attention(lengths: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(q, k) for q, k in lengths if k != TEXT_LEN]
-
-
-@pytest.mark.parametrize("name", METHODS)
-def test_fewer_tokens_reach_attention(pipe, name: str, attention_lengths) -> None:
-    base = generate(pipe, guidance_scale=5.0)
-    full = self_attention(attention_lengths)
-    tm.apply(pipe, METHODS[name][0])
-    attention_lengths.clear()
-    merged = generate(pipe, guidance_scale=5.0)
-    assert merged.shape == base.shape and torch.isfinite(merged).all() and not torch.equal(merged, base)
-    short = self_attention(attention_lengths)
-    assert len(short) == len(full)
-    assert all(k <= fk for (_, k), (_, fk) in zip(short, full, strict=True))
-    assert sum(k for _, k in short) < sum(k for _, k in full)
-    if name == "todo":  # every query kept, a quarter of the keys at the merged levels
-        assert [q for q, _ in short] == [q for q, _ in full]
-        assert {fk // k for (_, k), (_, fk) in zip(short, full, strict=True)} <= {1, 4}
-
-
-@pytest.mark.parametrize("name", [n for n, (_, identity) in METHODS.items() if identity is not None])
-def test_identity_config_is_bit_identical(pipe, name: str) -> None:
-    base = generate(pipe)
-    tm.apply(pipe, METHODS[name][1])
-    assert not hasattr(pipe.unet, "_tokenmerge")
-    assert torch.equal(generate(pipe), base)
-
-
-@pytest.mark.parametrize("name", METHODS)
-def test_remove_is_exact(pipe, name: str) -> None:
-    base = generate(pipe, guidance_scale=5.0)
-    tm.apply(pipe, METHODS[name][0])
-    assert not torch.equal(generate(pipe, guidance_scale=5.0), base)
-    tm.remove(pipe)
-    assert not hasattr(pipe.unet, "_tokenmerge") and "set_timesteps" not in vars(pipe.scheduler)
-    assert torch.equal(generate(pipe, guidance_scale=5.0), base)
-
-
-@pytest.mark.parametrize("name", METHODS)
-@pytest.mark.parametrize("change", ["resolution", "batch"])
-def test_shape_change_between_calls(pipe, name: str, change: str) -> None:
-    """After a batch or resolution change a call equals the same call on a freshly patched model; repeatable."""
-    first = dict(height=32, width=48) if change == "resolution" else dict(num_images_per_prompt=1)
-    second = dict(height=48, width=32) if change == "resolution" else dict(num_images_per_prompt=2)
-    method = METHODS[name][0]
-    tm.apply(pipe, method)
-    generate(pipe, guidance_scale=5.0, **first)
-    after_change = generate(pipe, guidance_scale=5.0, **second)
-    assert torch.isfinite(after_change).all()
-    tm.apply(pipe, method)
-    assert torch.equal(after_change, generate(pipe, guidance_scale=5.0, **second))
 
 
 # ---- ToMeSD vs the tomesd package ----------------------------------------------------------------------------------
@@ -171,6 +116,27 @@ def test_catome_pairs_recomputed_only_at_checkpoints(pipe, monkeypatch: pytest.M
     made.clear()
     generate(pipe, steps=20, guidance_scale=5.0)  # scaled to the new step count: 0, 1, 2, 4, 6, 10, 14
     assert method.checkpoints(20) == {0, 1, 2, 4, 6, 10, 14} and len(made) == 7 * sites
+
+
+def test_catome_schedule_scales_to_the_steps_img2img_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """img2img with strength 0.5 of 10 steps runs 5: a named schedule is scaled to those 5 steps."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from tokenmerge.archs import tiny_pipeline
+    from tokenmerge.methods import catome
+
+    made: list[int] = []
+    original = catome.bipartite_match
+    monkeypatch.setattr(catome, "bipartite_match", lambda x, dst: made.append(1) or original(x, dst))
+    pipe = StableDiffusionImg2ImgPipeline(**tiny_pipeline("tiny-sd15").components)
+    pipe.set_progress_bar_config(disable=True)
+    method = tm.CAToMe(threshold=0.0, schedule="config3", seed=0)
+    tm.apply(pipe, method)
+    kwargs = dict(image=torch.rand(1, 3, 32, 32), strength=0.5, num_inference_steps=10, output_type="latent")
+    pipe("a cube", generator=torch.Generator().manual_seed(0), **kwargs)
+    sites = len(pipe.unet._tokenmerge.sites)
+    assert method.checkpoints(5) == {0, 1, 2, 3, 4} and method.checkpoints(10) & set(range(5)) == {0, 1, 2, 4}
+    assert len(made) == 5 * sites
 
 
 def test_catome_per_sample_is_independent_of_batch_mates() -> None:

@@ -22,10 +22,8 @@ from tokenmerge.adapters.unet import UNetAdapter
 from tokenmerge.methods.base import Method, Plan
 
 _ATTR = "_tokenmerge"
-#: diffusers attention processors that take keys/values from ``encoder_hidden_states`` when given (from the queries'
-#: tokens otherwise) and add ``attention_mask`` to the scores: the only ones a keys/values plan (ToDo) changes and the
-#: only ones a plan's ``key_bias`` can go to. Joint-attention processors (SD3, Flux) project ``encoder_hidden_states``
-#: as text tokens instead, so ToDo leaves blocks using them unchanged.
+#: diffusers attention processors that add ``attention_mask`` to the self-attention scores: the only ones a plan's
+#: ``key_bias`` can go to, unless the site's adapter passes it on itself (``Site.masks_keys``).
 PLAIN_PROCESSORS = frozenset(
     {"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor", "AttnProcessorNPU"}
 )
@@ -84,6 +82,7 @@ class MergeState:
         or resolution) or a rising timestep. Repeated calls at one timestep (separate guidance passes) share a step."""
         if self.new_generation or key != self.key or timestep > self.timestep:
             self.caches.clear()
+            self.caches[""] = {"num_steps": self.steps_to_run()}  # shared by every cache of this generation
             self.step = 0
             self.new_generation = False
         elif timestep != self.timestep:
@@ -91,12 +90,25 @@ class MergeState:
         self.key, self.timestep = key, timestep
         self.active = self.method.active(self.step)
 
+    def steps_to_run(self) -> int | None:
+        """Denoising steps of the generation starting now: the scheduler's step count less those an img2img
+        ``strength`` skips (the scheduler's ``begin_index``); ``None`` for a bare denoiser."""
+        begin = getattr(self.scheduler, "begin_index", None)
+        if self.num_steps is None or not isinstance(begin, int):
+            return self.num_steps
+        return max(1, self.num_steps - begin // max(1, int(getattr(self.scheduler, "order", 1))))
+
     def install(self) -> None:
         model = self.adapter.model
         self.handles.append(model.register_forward_pre_hook(self._on_call, with_kwargs=True))
         self.handles += self.adapter.install_grid_hooks(self.sites)
         for site in self.sites:
             self.handles.append(site.block.register_forward_pre_hook(self._plan_hook(site), with_kwargs=True))
+            if self.method.keys_values:
+                for attention in site.self_attention:
+                    self.handles += self._kv_hooks(site, attention)
+                self.handles += self._map_hooks(site, "attn")
+                continue
             for role in self.method.roles & site.modules.keys():
                 pre, post = self._merge_hooks(site, role)
                 module = site.modules[role]
@@ -143,7 +155,7 @@ class MergeState:
             ok = self.active and hw is not None and x.ndim == 3 and hw[0] * hw[1] == x.shape[1]
             cache = self.caches.setdefault(site.name if self.method.cache_scope == "block" else site.group, {})
             # one dict shared by every site for the whole generation (e.g. a random generator, the step count)
-            cache.setdefault("generation", self.caches.setdefault("", {"num_steps": self.num_steps}))
+            cache.setdefault("generation", self.caches[""])
             self.plans[id(site)] = self.method.plan(x, hw, cache, self.step) if ok else None
 
         return plan
@@ -157,19 +169,9 @@ class MergeState:
             if plan is None or not isinstance(x, torch.Tensor) or x.shape[1] != site.grid.hw[0] * site.grid.hw[1]:
                 stack.append(None)
                 return None
-            kv = getattr(plan, "kv", None)
-            if kv is not None:  # keys/values plan: queries keep every token, self-attention K/V = kv(x), no unmerge
-                stack.append(None)
-                context = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
-                processor = type(getattr(module, "processor", None)).__name__
-                if role != "attn" or context is not None or processor not in PLAIN_PROCESSORS:
-                    return None  # only a plain self-attention's K/V can be replaced (joint attention: untouched)
-                if len(args) > 1:
-                    return (args[0], kv(x), *args[2:]), kwargs
-                return args, {**kwargs, "encoder_hidden_states": kv(x)}
             stack.append(plan)
             self.merging[id(site), role] = plan
-            bias = getattr(plan, "key_bias", None) if role == "attn" else None
+            bias = getattr(plan, "key_bias", None) if role == "attn" and not site.masks_keys else None
             if bias is not None:  # padded rows of a per-sample merge: masked out as keys
                 _check_key_bias(module, site)
                 kwargs = {**kwargs, "attention_mask": bias}
@@ -199,7 +201,7 @@ class MergeState:
             if not ok or not 0 < n <= x.shape[1]:
                 stack.append(None)
                 return None
-            if getattr(plan, "key_bias", None) is not None:
+            if getattr(plan, "key_bias", None) is not None and not site.masks_keys:
                 _check_key_bias(None, site)
             prefix = x.shape[1] - n
             stack.append((plan, prefix))
@@ -214,6 +216,52 @@ class MergeState:
             return _on_image(output, lambda t: torch.cat((t[:, :prefix], plan.unmerge(t[:, prefix:])), 1))
 
         return [entry.register_forward_hook(merge), exit_.register_forward_hook(unmerge)]
+
+    def _kv_hooks(self, site: Site, attention: nn.Module) -> list[RemovableHandle]:
+        """Keys/values plans: while ``attention`` runs a self-attention (``to_k``/``to_v`` take the very tensor
+        ``to_q`` took), the last ``H*W`` tokens of their input (the image) become the plan's ``kv`` of them; the
+        queries keep every token. Raises if an active plan found no such projections (fused or unknown ones)."""
+        state: dict[str, Any] = {}
+
+        def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            plan = self.plans.get(id(site))
+            if plan is not None and hasattr(plan, "kv"):
+                state.update(plan=plan, queries=None, projected=0)
+                self.merging[id(site), "attn"] = plan
+
+        def leave(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            plan, projected = state.pop("plan", None), state.pop("projected", 0)
+            state.pop("queries", None)
+            self.merging.pop((id(site), "attn"), None)
+            if plan is not None and projected < 2:
+                raise ValueError(
+                    f"{site.name}: {type(getattr(module, 'processor', None)).__name__} attention does not project "
+                    "keys and values through to_q/to_k/to_v from the same tokens (fused projections or not a "
+                    "self-attention): keys/values methods cannot run here (call unfuse_qkv_projections())"
+                )
+
+        def queries(module: nn.Module, args: tuple) -> None:
+            if "plan" in state:
+                state["queries"] = args[0]
+
+        def keys_values(module: nn.Module, args: tuple) -> tuple | None:
+            x, plan = args[0], state.get("plan")
+            n = site.grid.hw[0] * site.grid.hw[1] if site.grid.hw is not None else 0
+            if plan is None or x is not state.get("queries") or x.ndim != 3 or not 0 < n <= x.shape[1]:
+                return None
+            state["projected"] += 1
+            prefix = x.shape[1] - n
+            return (torch.cat((x[:, :prefix], plan.kv(x[:, prefix:])), 1), *args[1:])
+
+        handles = [
+            attention.register_forward_pre_hook(enter, with_kwargs=True),
+            attention.register_forward_hook(leave, with_kwargs=True),
+        ]
+        for name, hook in (("to_q", queries), ("to_k", keys_values), ("to_v", keys_values)):
+            projection = getattr(attention, name, None)
+            if isinstance(projection, nn.Module):
+                handles.append(projection.register_forward_pre_hook(hook))
+        return handles
 
     def _map_hooks(self, site: Site, role: str) -> list[RemovableHandle]:
         """While ``role`` runs merged: rewrite modules' keyword arguments / outputs with the site's maps."""

@@ -38,7 +38,13 @@ class Site:
       tokens) of ``entry``'s output is merged and that of ``exit``'s output unmerged, the text prefix passing through
       (Flux single-stream blocks: norm -> attention and parallel MLP -> ``proj_out``);
     - ``kwarg_maps`` / ``output_maps``: role -> ``[(module, fn)]``: while the role runs merged, ``module``'s keyword
-      arguments become ``fn(kwargs, plan)`` / its output ``fn(output, plan)`` (rotary positions of merged tokens).
+      arguments become ``fn(kwargs, plan)`` / its output ``fn(output, plan)`` (rotary positions of merged tokens);
+    - ``masks_keys``: the ``attn`` kwarg maps pass a plan's ``key_bias`` to the attention themselves (joint attention
+      that takes a mask); otherwise only a plain self-attention processor can take one.
+
+    ``self_attention``: the attention modules whose keys and values a keys/values plan (ToDo) projects from the
+    downsampled image tokens, the last ``H*W`` tokens of their ``to_k``/``to_v`` inputs (all of them for a plain
+    self-attention, the image part of Flux's single-stream joint sequence).
 
     A module output that is a tuple carries the image tokens in its first element (joint attention).
     """
@@ -55,6 +61,8 @@ class Site:
     spans: dict[str, tuple[nn.Module, nn.Module]] = field(default_factory=dict)
     kwarg_maps: dict[str, list[tuple[nn.Module, Callable[[dict, Any], dict]]]] = field(default_factory=dict)
     output_maps: dict[str, list[tuple[nn.Module, Callable[[Any, Any], Any]]]] = field(default_factory=dict)
+    masks_keys: bool = False
+    self_attention: list[nn.Module] = field(default_factory=list)
 
 
 class Adapter(ABC):

@@ -38,7 +38,21 @@ class _PatchGridAdapter(Adapter):
         for i, block in enumerate(self.model.transformer_blocks):
             modules, extra = self.block_modules(block)
             name = f"transformer_blocks.{i}"
-            sites.append(Site(name, block, modules, self.kind, 1, self.slot, self.kind, i, extra_modules=extra))
+            attention = [modules["attn"], *extra.get("attn", ())]
+            sites.append(
+                Site(
+                    name,
+                    block,
+                    modules,
+                    self.kind,
+                    1,
+                    self.slot,
+                    self.kind,
+                    i,
+                    extra_modules=extra,
+                    self_attention=attention,
+                )
+            )
         return sites
 
     def install_grid_hooks(self, sites: list[Site]) -> list[RemovableHandle]:

@@ -36,27 +36,35 @@ class RotarySlot(GridSlot):
     def __init__(self) -> None:
         super().__init__()
         self.freqs: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._memo: tuple[Any, Any, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._memo: dict[str, tuple[Any, Any, tuple[torch.Tensor, torch.Tensor]]] = {}
 
-    def merged_freqs(self, plan: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Image rotary tables of the merged tokens, ``(B, K, D)``: row ``k`` of sample ``b`` is the table row of
-        destination ``plan.dest[b, k]``. Memoised per plan (blocks of a group share one)."""
-        if self.freqs is None or self.hw is None:
-            return None
-        if self._memo is not None and self._memo[0] is plan and self._memo[1] is self.freqs:
-            return self._memo[2]
-        dest = getattr(plan, "dest", None)
-        if not isinstance(dest, torch.Tensor):
-            raise ValueError(f"{type(plan).__name__} gives no merged-token positions (dest); rotary models need them")
+    def image_freqs(self, plan: Any, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image rotary tables of the tokens the attention sees as queries (``side="q"``) or keys (``"k"``).
+
+        A merge plan: ``(B, K, D)``, row ``k`` of sample ``b`` the table row of destination ``plan.dest[b, k]`` (both
+        sides). A keys/values plan: the full ``(H*W, D)`` tables for the queries, rows ``plan.kv_index`` ``(M, D)``
+        for the keys. Memoised per plan and side (blocks of a group share one plan).
+        """
+        memo = self._memo.get(side)
+        if memo is not None and memo[0] is plan and memo[1] is self.freqs:
+            return memo[2]
         n = self.hw[0] * self.hw[1]
-        cos, sin = (f[f.shape[0] - n :][dest.to(f.device)] for f in self.freqs)
-        self._memo = (plan, self.freqs, (cos, sin))
-        return cos, sin
+        image = tuple(f[f.shape[0] - n :] for f in self.freqs)
+        index = getattr(plan, "kv_index", None) if side == "k" else None
+        if hasattr(plan, "kv"):
+            out = image if index is None else tuple(f[index.to(f.device)] for f in image)
+        else:
+            dest = getattr(plan, "dest", None)
+            if not isinstance(dest, torch.Tensor):
+                raise ValueError(
+                    f"{type(plan).__name__} gives no merged-token positions (dest); rotary models need them"
+                )
+            out = tuple(f[dest.to(f.device)] for f in image)
+        self._memo[side] = (plan, self.freqs, out)
+        return out
 
-    def text_freqs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def text_freqs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Text rows ``(T, D)`` of the rotary tables."""
-        if self.freqs is None or self.hw is None:
-            return None
         n = self.hw[0] * self.hw[1]
         return tuple(f[: f.shape[0] - n] for f in self.freqs)  # type: ignore[return-value]
 
@@ -100,13 +108,18 @@ class FluxAdapter(Adapter):
 
     def sites(self) -> list[Site]:
         slot = self.slot
-        drop_rotary = _drop_rotary(slot)
+        attention_kwargs = _attention_kwargs(slot)
+        img_q, img_k, txt = (
+            _rotary_hook(slot, "image", "q"),
+            _rotary_hook(slot, "image", "k"),
+            _rotary_hook(slot, "text", "q"),
+        )
+        joint_q, joint_k = _rotary_hook(slot, "joint", "q"), _rotary_hook(slot, "joint", "k")
         sites = []
         for i, block in enumerate(self.model.transformer_blocks):
             attn = block.attn
-            img, txt = _rotary_hook(slot, "image"), _rotary_hook(slot, "text")
             norms = [getattr(attn, n, None) for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")]
-            maps = list(zip(norms, (img, img, txt, txt), strict=True))
+            maps = list(zip(norms, (img_q, img_k, txt, txt), strict=True))
             sites.append(
                 Site(
                     f"transformer_blocks.{i}",
@@ -117,12 +130,14 @@ class FluxAdapter(Adapter):
                     slot,
                     kind="double",
                     index=i,
-                    kwarg_maps={"attn": [(attn, drop_rotary)]},
+                    kwarg_maps={"attn": [(attn, attention_kwargs)]},
                     output_maps={"attn": _checked(maps)},
+                    masks_keys=True,
+                    self_attention=[attn],
                 )
             )
         for i, block in enumerate(self.model.single_transformer_blocks):
-            attn, joint = block.attn, _rotary_hook(slot, "joint")
+            attn = block.attn
             sites.append(
                 Site(
                     f"single_transformer_blocks.{i}",
@@ -134,8 +149,14 @@ class FluxAdapter(Adapter):
                     kind="single",
                     index=i,
                     spans={"attn": (block.norm, block.proj_out)},
-                    kwarg_maps={"attn": [(attn, drop_rotary)]},
-                    output_maps={"attn": _checked([(getattr(attn, n, None), joint) for n in ("norm_q", "norm_k")])},
+                    kwarg_maps={"attn": [(attn, attention_kwargs)]},
+                    output_maps={
+                        "attn": _checked(
+                            [(getattr(attn, "norm_q", None), joint_q), (getattr(attn, "norm_k", None), joint_k)]
+                        )
+                    },
+                    masks_keys=True,
+                    self_attention=[attn],
                 )
             )
         return sites
@@ -165,37 +186,43 @@ class FluxAdapter(Adapter):
         return tuple(x.shape), _scalar(t)
 
 
-def _drop_rotary(slot: RotarySlot):
-    """Keyword map of a merged block's attention: no rotary tables (the norm hooks rotate per sample instead)."""
+def _attention_kwargs(slot: RotarySlot):
+    """Keyword map of a merged block's attention: no rotary tables (the norm hooks rotate per sample instead), and a
+    plan's ``key_bias`` ``(B, 1, K)`` as an ``attention_mask`` ``(B, 1, 1, T + K)`` over ``[text, image]`` keys."""
 
-    def drop(kwargs: dict, plan: Any) -> dict:
+    def attention_kwargs(kwargs: dict, plan: Any) -> dict:
         if kwargs.get("image_rotary_emb") is None:
             return kwargs
-        if slot.freqs is None:
+        if slot.freqs is None or slot.hw is None:
             raise ValueError("Flux rotary tables were not recorded from pos_embed; cannot merge this call")
-        return {**kwargs, "image_rotary_emb": None}
+        kwargs = {**kwargs, "image_rotary_emb": None}
+        bias = getattr(plan, "key_bias", None)
+        if bias is not None:
+            text = slot.freqs[0].shape[0] - slot.hw[0] * slot.hw[1]
+            kwargs["attention_mask"] = torch.cat((bias.new_zeros(bias.shape[0], 1, text), bias), -1).unsqueeze(1)
+        return kwargs
 
-    return drop
+    return attention_kwargs
 
 
-def _rotary_hook(slot: RotarySlot, part: str):
-    """Output map of a query/key norm ``(B, S, heads, D)``: rotate ``image`` (S = K merged tokens), ``text``
-    (S = T) or ``joint`` (S = T + K, text first) tokens by their (destination's) positions."""
+def _rotary_hook(slot: RotarySlot, part: str, side: str):
+    """Output map of a query (``side="q"``) or key (``"k"``) norm ``(B, S, heads, D)``: rotate ``image``
+    (``S`` image tokens as the attention sees them), ``text`` (``S = T``) or ``joint`` (``S = T + image``, text
+    first) tokens by their positions (see :meth:`RotarySlot.image_freqs`)."""
 
     def hook(out: torch.Tensor, plan: Any) -> torch.Tensor:
         if slot.freqs is None or slot.hw is None:
             return out
         if part == "text":
-            cos, sin = slot.text_freqs()
-            return rotate(out, cos, sin)
-        cos, sin = slot.merged_freqs(plan)
+            return rotate(out, *slot.text_freqs())
+        cos, sin = slot.image_freqs(plan, side)
         if part == "joint":
             t_cos, t_sin = slot.text_freqs()
-            b, t = cos.shape[0], out.shape[1] - cos.shape[1]
-            if t != t_cos.shape[0]:
+            if out.shape[1] != t_cos.shape[0] + cos.shape[-2]:
                 raise ValueError(f"joint sequence of {out.shape[1]} tokens does not hold {t_cos.shape[0]} text tokens")
-            cos = torch.cat((t_cos.expand(b, -1, -1), cos), 1)
-            sin = torch.cat((t_sin.expand(b, -1, -1), sin), 1)
+            if cos.ndim == 3:
+                t_cos, t_sin = (t.expand(cos.shape[0], -1, -1) for t in (t_cos, t_sin))
+            cos, sin = torch.cat((t_cos, cos), -2), torch.cat((t_sin, sin), -2)
         return rotate(out, cos, sin)
 
     return hook

@@ -37,7 +37,8 @@ class UNetAdapter(Adapter):
                     if getattr(block, "attn2", None) is not None:
                         modules["cross"] = block.attn2
                     label = f"{name}.attentions.{j}.transformer_blocks.{k}"
-                    sites.append(Site(label, block, modules, f"{path}{downsample}", downsample, slot))
+                    group = f"{path}{downsample}"
+                    sites.append(Site(label, block, modules, group, downsample, slot, self_attention=[block.attn1]))
         return sites
 
     def install_grid_hooks(self, sites: list[Site]) -> list[RemovableHandle]:

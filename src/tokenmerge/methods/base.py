@@ -25,8 +25,11 @@ class Plan(Protocol):
 
 
 class KVPlan(Protocol):
-    """A keys/values plan (ToDo): every query is kept; the self-attention (``attn`` role) takes its keys and values
-    from ``kv(x)`` ``(B, N, C) -> (B, M, C)``, passed as ``encoder_hidden_states``; nothing to unmerge."""
+    """A keys/values plan (ToDo): every query is kept; the self-attention projects its keys and values from
+    ``kv(x)`` ``(B, N, C) -> (B, M, C)`` of the image tokens; nothing to unmerge. ``kv_index`` ``(M,)``: the grid
+    positions of the kept tokens (rotary embeddings of the keys)."""
+
+    kv_index: torch.Tensor
 
     def kv(self, x: torch.Tensor) -> torch.Tensor: ...
 
@@ -47,8 +50,12 @@ class Method(ABC):
     blocks: Mapping[str, tuple[tuple[int, int | None], ...]] | None = None
     #: ``"group"``: one ``cache`` per reuse group (a level's blocks share plans); ``"block"``: one per block.
     #: Every cache also holds ``cache["generation"]``, a dict shared by all blocks for the current generation, with
-    #: ``num_steps`` (the scheduler's step count, or ``None`` for a bare denoiser).
+    #: ``num_steps`` (the steps this generation runs: the scheduler's count less those an img2img ``strength``
+    #: skips; ``None`` for a bare denoiser).
     cache_scope: ClassVar[str] = "group"
+    #: True for keys/values methods (plans are :class:`KVPlan`): hooked at the self-attention's key and value
+    #: projections instead of merging sub-module inputs.
+    keys_values: ClassVar[bool] = False
 
     @property
     @abstractmethod

@@ -59,8 +59,8 @@ class CAToMe(Method):
         schedule: checkpoint steps: a name from :data:`SCHEDULES` (a 50-step schedule scaled to the run's step count
             by :func:`scale_schedule`), an int ``n`` (every ``n``-th step) or explicit 0-based steps (used as given).
             Steps before a block's first plan of a generation always compute one.
-        num_steps: the run's step count for scaling a named schedule; ``None``: the scheduler's (recorded by
-            ``apply`` on a pipeline), or 50 for a bare denoiser.
+        num_steps: the run's step count for scaling a named schedule; ``None``: the steps the pipeline runs (the
+            scheduler's count, less those an img2img ``strength`` skips), or 50 for a bare denoiser.
         batch: ``"sample"``, ``"max"`` or ``"min"`` (see above).
         bucket: static shapes for ``torch.compile``: the merged length is rounded up to a multiple of ``bucket``
             (``"sample"``: more padding rows; ``"max"``/``"min"``: fewer merged sources).

@@ -20,6 +20,12 @@ class DownsampledKV:
     grid: tuple[int, int]
     factor: int
 
+    @property
+    def kv_index(self) -> torch.Tensor:
+        """``(M,)`` grid positions of the kept tokens, in ``kv`` order."""
+        h, w = self.grid
+        return (torch.arange(0, h, self.factor).view(-1, 1) * w + torch.arange(0, w, self.factor)).flatten()
+
     def kv(self, x: torch.Tensor) -> torch.Tensor:
         return downsample_tokens(x, self.grid, self.factor)
 
@@ -29,8 +35,10 @@ class ToDo(Method):
     """Token Downsampling (Smith et al., 2024): self-attention with all ``N`` queries and ``N / factor^2`` keys/values.
 
     Attention cost falls by ``factor^2``; projections and the MLP are unchanged, and no token is merged, so there is
-    no unmerge. Keys/values are the nearest-neighbour (top-left of each ``factor x factor`` cell) samples of the
-    normalised block input.
+    no unmerge. Keys/values are projected from the nearest-neighbour (top-left of each ``factor x factor`` cell)
+    samples of the self-attention's image tokens (the normalised block input), so the model's processor runs
+    unchanged; on joint attention (SD3, Flux) every text token stays a key, and on Flux the kept keys keep their own
+    rotary positions.
 
     Args:
         factor: downsampling per side (2: a quarter of the keys/values); 1 leaves the model untouched.
@@ -44,6 +52,8 @@ class ToDo(Method):
     max_downsample: int = 1
     steps: Collection[int] | None = field(default=None)
     blocks: Mapping[str, object] | None = field(default=None)
+
+    keys_values = True
 
     def __post_init__(self) -> None:
         if int(self.factor) != self.factor or self.factor < 1:
