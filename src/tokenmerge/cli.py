@@ -1,10 +1,11 @@
-"""The ``tokenmerge`` command line: ``bench``, ``eval`` and ``list``.
+"""The ``tokenmerge`` command line: ``bench``, ``eval``, ``analyze`` and ``list``.
 
     tokenmerge bench --arch sd15 --method toma:ratio=0.5 --method tomesd:ratio=0.5 --out results/bench
     tokenmerge eval --model path/to/pipeline --method toma:ratio=0.5 --prompts general --dino path/to/dinov2 \\
         --out results/eval
     tokenmerge eval ... --lpips-backbone alexnet.pth [--lpips-linear lpips_v0.1_alex.pth]   # + LPIPS
     accelerate launch --num_processes 8 -m tokenmerge.cli eval ...   # data parallel over prompts and seeds
+    tokenmerge analyze --model path/to/pipeline --seeds 0 1 --steps 20 --tolerance 0.2 --out results/analysis
 
 Bad input prints one line, ``tokenmerge: error: ...``, on stderr and exits with status 2.
 """
@@ -21,6 +22,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from tokenmerge.analysis import command as analyze_command
 from tokenmerge.harness.registry import (
     HarnessError,
     MethodSpec,
@@ -99,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--grid-images", type=int, default=8, help="images per configuration in grid.png")
 
     sub.add_parser("list", help="methods and their options, architectures, prompt sets")
+    analyze_command.add_parser(sub)
     return parser
 
 
@@ -274,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tokenmerge`` script; returns the exit status."""
     try:
         args = build_parser().parse_args(argv)
-        return {"bench": cmd_bench, "eval": cmd_eval, "list": cmd_list}[args.command](args)
+        commands = {"bench": cmd_bench, "eval": cmd_eval, "list": cmd_list, "analyze": analyze_command.run}
+        return commands[args.command](args)
     except HarnessError as exc:
         print(f"tokenmerge: error: {exc}", file=sys.stderr)
         return 2

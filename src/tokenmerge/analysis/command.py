@@ -1,0 +1,109 @@
+"""``tokenmerge analyze``: the subcommand's arguments and its run (observe, derive schedules, write the report)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tokenmerge.harness.registry import HarnessError
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Add ``analyze`` to the ``tokenmerge`` subcommands."""
+    p = sub.add_parser("analyze", help="token similarity and merge stability per block and step; derived schedules")
+    p.add_argument("--model", required=True, help="local pipeline folder or hub id, or a tiny-* built-in pipeline")
+    p.add_argument("--prompts", default="general", help="built-in set (general, imagenet) or a prompt file")
+    p.add_argument("--num-prompts", type=int, default=4, help="use the first N prompts (default 4)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per prompt (default 0)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9], help="similarity thresholds")
+    p.add_argument("--pair-threshold", type=float, default=0.7, help="CA-ToMe threshold of the pair sets")
+    p.add_argument("--ratio", type=float, default=0.5, help="ToMeSD pairs and ToMA destinations: removed fraction")
+    p.add_argument("--tile", type=int, nargs=2, default=[4, 4], metavar=("H", "W"), help="ToMA tile")
+    p.add_argument("--tolerance", type=float, default=0.2, help="largest expected drift of reused sets (default 0.2)")
+    p.add_argument("--reference-schedule", default="config3", help="CA-ToMe schedule to compare with")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def load(name: str, dtype: torch.dtype, device: torch.device) -> Any:
+    """A ``tiny-*`` built-in pipeline or a pipeline folder / hub id, on ``device`` in ``dtype``."""
+    from tokenmerge.harness import models
+    from tokenmerge.harness.registry import architectures
+
+    if name in architectures():
+        if not name.startswith("tiny-"):
+            raise HarnessError(f"{name!r} is a denoiser architecture; analyze needs a pipeline (hub id or folder)")
+        from tokenmerge.archs import tiny_pipeline
+
+        pipe = tiny_pipeline(name)
+        pipe.set_progress_bar_config(disable=True)
+    elif models.saved_denoiser_class(name):
+        raise HarnessError(f"{name!r} holds a bare denoiser; analyze needs a whole pipeline")
+    else:
+        pipe = models.load_pipeline(name, dtype)
+    pipe = pipe.to(device)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tokenmerge.analysis import Observe, analyze, derive, write_report
+    from tokenmerge.harness import models, report
+    from tokenmerge.harness.prompts import load_prompts
+
+    for name in ("num_prompts", "steps", "height", "width"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise HarnessError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise HarnessError("--seeds must be distinct")
+    if not args.tolerance > 0:
+        raise HarnessError(f"--tolerance must be positive, got {args.tolerance}")
+    schedule = int(args.reference_schedule) if args.reference_schedule.isdigit() else args.reference_schedule
+    try:
+        observe = Observe(
+            thresholds=tuple(args.thresholds),
+            pair_threshold=args.pair_threshold,
+            ratio=args.ratio,
+            tile=tuple(args.tile),
+            reference_schedule=schedule,
+        )
+    except ValueError as exc:
+        raise HarnessError(str(exc)) from None
+    report.check_output(args.out, args.overwrite)
+    prompts = load_prompts(args.prompts, args.num_prompts)
+    device = models.resolve_device(args.device)
+    pipe = load(args.model, models.DTYPES[args.dtype], device)
+    extra = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale)
+    try:
+        stats = analyze(
+            pipe,
+            prompts,
+            args.seeds,
+            args.steps,
+            observe,
+            progress=not args.quiet,
+            **{k: v for k, v in extra.items() if v is not None},
+        )
+    except ValueError as exc:
+        raise HarnessError(str(exc).splitlines()[0]) from None
+    derived = derive(stats, args.tolerance)
+    meta = dict(model=args.model, prompt_set=args.prompts, seeds=args.seeds, steps=args.steps, device=str(device))
+    meta.update(dtype=args.dtype, height=args.height, width=args.width, guidance_scale=args.guidance_scale)
+    with report.atomic_dir(args.out, args.overwrite) as tmp:
+        files = write_report(stats, derived, tmp, meta)
+    catome, toma = derived["catome"], derived["toma"]
+    print(f"CA-ToMe schedule: {catome['schedule']}")
+    print(f"ToMA: dest_every={toma['dest_every']}, weight_every={toma['weight_every']}")
+    print(f"wrote {args.out}/{{{','.join(files)}}}")
+    return 0
