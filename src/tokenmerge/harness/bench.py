@@ -37,16 +37,24 @@ class Target:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def denoiser_target(name: str, model: torch.nn.Module, inputs: dict[str, Any], device: torch.device) -> Target:
-    """One forward of a bare denoiser; every call starts a new generation (worst case for plan reuse)."""
+def denoiser_target(
+    name: str,
+    model: torch.nn.Module,
+    inputs: dict[str, Any],
+    device: torch.device,
+    call: Callable[..., Any] | None = None,
+) -> Target:
+    """One forward of a bare denoiser; every call starts a new generation (worst case for plan reuse). ``call``
+    (default ``model``) is what is called, e.g. ``torch.compile(model)``; methods are applied to ``model``."""
     model.to(device)
     inputs = {k: _to(v, device) for k, v in inputs.items()}
+    call = model if call is None else call
 
     def run() -> torch.Tensor:
         if hasattr(model, "_tokenmerge"):
             tm.reset(model)
         with torch.inference_mode():
-            return model(**inputs, return_dict=False)[0]
+            return call(**inputs, return_dict=False)[0]
 
     return Target(name, "denoiser", model, run, device)
 

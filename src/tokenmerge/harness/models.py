@@ -76,9 +76,11 @@ def load_denoiser(path: str, dtype: torch.dtype) -> torch.nn.Module:
         raise HarnessError(f"cannot load {cls_name} from {path!r}: {_first_line(exc)}") from None
 
 
-def denoiser_inputs(model: torch.nn.Module, batch: int, height: int, width: int, seed: int = 0) -> dict[str, Any]:
+def denoiser_inputs(
+    model: torch.nn.Module, batch: int, height: int, width: int, seed: int = 0, text: int = 16
+) -> dict[str, Any]:
     """Random keyword inputs for one call of a UNet, Flux, SD3 or PixArt denoiser on a ``height x width`` latent
-    (Flux: the packed token grid)."""
+    (Flux: the packed token grid), with ``text`` text tokens (UNets: always 77)."""
     from tokenmerge.archs import unet_inputs
 
     kind = type(model).__name__
@@ -86,7 +88,6 @@ def denoiser_inputs(model: torch.nn.Module, batch: int, height: int, width: int,
         return unet_inputs(model, batch, height, width, seed=seed)
     cfg, dtype = model.config, model.dtype
     g = torch.Generator().manual_seed(seed)
-    text = 16
     timestep = torch.full((batch,), 500.0 if kind != "FluxTransformer2DModel" else 0.5)
     if kind == "FluxTransformer2DModel":
         rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")

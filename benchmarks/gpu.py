@@ -1,0 +1,562 @@
+"""One-command GPU benchmark: real-size SDXL UNet and Flux-dev transformer (random weights, bf16, 1024px).
+
+Per model and batch size: unpatched vs ToMA 0.5 vs ToMeSD 0.5 vs ToDo 2 (eager, torch SDPA through diffusers'
+``native`` backend); unpatched and ToMA with flash-attn (``model.set_attention_backend("flash")``) where
+``flash_attn`` is installed and the model's attention goes through diffusers' dispatch (Flux; not the SDXL UNet, whose
+``AttnProcessor2_0`` calls torch SDPA itself); unpatched and ToMA under ``torch.compile`` (default inductor mode,
+static shapes). 1024px: SDXL latent 128x128 (77 text tokens), Flux packed grid 64x64 = 4096 image + 512 text tokens.
+Placements: ToMA's defaults (SDXL: both attention levels; Flux: all but the first five blocks of each kind); ToMeSD
+and ToDo at SDXL's 64x64-token level (``max_downsample=2``; their default, 1, does nothing on SDXL) and on Flux's
+default blocks. ``--tiny``: tiny-sdxl (16x16 latent) and tiny-flux (16x16 grid, 8 text tokens, every block merged:
+it has only two of each kind) in fp32 on any device, as a smoke test.
+
+Timing: every timed call is one full denoiser forward at a fixed timestep with ``tm.reset`` before it (plans from
+scratch: the worst case for the methods' overhead), timed by CUDA events on a GPU, ``time.perf_counter`` on the CPU
+(``tokenmerge.harness.bench.time_call``). Eager configurations run interleaved (each round runs every one once, in
+turn, patch applied before and removed after the call, outside the timed region), median over rounds. Compiled
+configurations cannot be interleaved that way: every ``tm.apply`` installs new hooks, on which dynamo guards, so each
+re-application would recompile. Each compiled configuration is therefore timed in its own block after the eager
+rounds: dynamo reset, patch applied once, a first call (compile warm-up, reported as ``compile_s``), a second call
+that must not compile again, then the rounds. A configuration that raises (a compile failure, dynamo's recompile limit
+-- made an error here instead of a silent fall back to eager --, a recompile during a timed call, out of memory) is
+recorded with its error and the run goes on. Peak memory: growth of ``torch.cuda.max_memory_allocated`` in one
+untimed call (on the CPU: sampled RSS growth), ``tokenmerge.harness.bench.peak_memory``.
+
+Merge overhead (ToMA and ToMeSD): R more calls of the patched model in which every call of the method's ``plan`` and
+of the returned plans' ``merge`` and ``unmerge`` is timed where it runs (instance attributes on the method and the
+plans wrap them, removed afterwards): CUDA event pairs around each, read after the forward, so nothing synchronises
+inside it; ``perf_counter`` on the CPU. This counts what a real call does: selection and merge weights where the
+first block of a reuse group plans, cache hits where later blocks reuse its plan (ToMA), one merge and one unmerge
+per merged sub-module (UNet: self-attention, cross-attention queries, MLP; Flux: the attention of double-stream
+blocks, the attention + MLP span of single-stream blocks). Per phase the median over the R calls is taken;
+``overhead_share`` = (plan + merge + unmerge) / median time of the same configuration's (uninstrumented) timed calls.
+Not counted: the hooks' Python bookkeeping, the text-prefix concatenation around Flux spans and the per-sample rotary
+tables (they replace the model's own rotation). An event pair measures the stream time between its two points: where
+the GPU waits for the CPU (launch-bound), that includes launching the wrapped work, which is then real cost too.
+
+Speedups are against the unpatched configuration of the same mode (eager SDPA, eager flash, compiled). Targets
+(issue #7, ratio 0.5, 1024px): ToMA >= 1.4x on both models, overhead <= 5% of the denoiser time, compiled ToMA's
+speedup over compiled unpatched >= the eager one; they are checked per model and batch under ``targets`` in the JSON.
+
+Budget (one H100, 5 rounds R): per model and batch, 4 eager configurations x (warm-up, FLOP count, memory, R
+rounds) + R instrumented calls each for ToMA and ToMeSD + 2 flash x (2 + R) + 2 compiled x (3 + R) = 72 denoiser
+calls (58 without flash), many of them cheaper than an unpatched one. Unpatched at 1024px (FLOPs measured with
+``torch.utils.flop_counter`` in this project's notes): SDXL 6.76 TFLOP at batch 1, Flux-dev 74. Flux at batches 1 and 2:
+at most 72 x 222 = 16,000 TFLOP, 27-40 s at 400-600 TFLOP/s effective; SDXL: at most 58 x 20.3 = 1,200 TFLOP, a few
+seconds at that rate. The rest of the 8 minutes goes to the model builds and the 8 compile warm-ups, which this
+estimate cannot bound: ``compile_s`` per configuration and ``wall_s`` in the JSON say what they took; trim with
+``--batches 1`` or ``--no-compile``. The JSON is rewritten after every model and batch (``complete`` false until the
+end), so an interrupted run keeps what it finished.
+
+    python benchmarks/gpu.py --out results/gpu.json
+    python benchmarks/gpu.py --tiny --no-compile --rounds 1 --out /tmp/gpu.json   # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import importlib.metadata
+import importlib.util
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import print_table, summarise, write_results
+from torch import nn
+
+import tokenmerge as tm
+from tokenmerge.archs import UNET_CONFIGS, build_dit, build_unet
+from tokenmerge.flops import count_flops
+from tokenmerge.harness.bench import denoiser_target, peak_memory, time_call
+from tokenmerge.harness.models import denoiser_inputs, resolve_device
+from tokenmerge.harness.registry import HarnessError
+
+SPEEDUP_TARGET = 1.4
+OVERHEAD_TARGET = 0.05
+#: Every block of both kinds (tiny-flux has two of each, all inside the default's first five).
+FLUX_ALL = {"double": (0, None), "single": (0, None)}
+#: Configurations whose merge overhead is measured (methods with merge/unmerge plans).
+OVERHEAD = frozenset({"toma-0.5", "tomesd-0.5"})
+COLUMNS = ("median_s", "speedup", "flop_ratio", "realised", "peak_mem_mib", "overhead_share", "compile_s")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A built-in architecture and its input size: latent side (UNet) or packed grid side (Flux), text tokens."""
+
+    arch: str
+    size: int
+    text: int
+
+
+#: model -> (real size, tiny size)
+MODELS = {
+    "sdxl": (ModelSpec("sdxl", 128, 77), ModelSpec("tiny-sdxl", 16, 77)),
+    "flux": (ModelSpec("flux-dev", 64, 512), ModelSpec("tiny-flux", 16, 8)),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One measured configuration: a method (``None``: unpatched) in a mode (``""`` eager SDPA, ``flash`` or
+    ``compiled``)."""
+
+    label: str
+    method: tm.Method | None
+    mode: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}@{self.mode}" if self.mode else self.label
+
+    @property
+    def reference(self) -> str:
+        """The unpatched configuration of the same mode (speedups are against it)."""
+        return Config("baseline", None, self.mode).name
+
+
+def methods(model: str, tiny: bool) -> dict[str, tm.Method | None]:
+    """label -> method of the eager configurations of ``model`` (``sdxl`` or ``flux``)."""
+    if model == "sdxl":
+        return {
+            "baseline": None,
+            "toma-0.5": tm.ToMA(ratio=0.5),
+            "tomesd-0.5": tm.ToMeSD(ratio=0.5, max_downsample=2),
+            "todo-2": tm.ToDo(factor=2, max_downsample=2),
+        }
+    blocks = FLUX_ALL if tiny else None
+    return {
+        "baseline": None,
+        "toma-0.5": tm.ToMA(ratio=0.5, blocks=blocks),
+        "tomesd-0.5": tm.ToMeSD(ratio=0.5, blocks=blocks),
+        "todo-2": tm.ToDo(factor=2, blocks=blocks),
+    }
+
+
+def configurations(model: str, tiny: bool, flash: bool, compiled: bool) -> list[Config]:
+    """Eager configurations of every method, then unpatched and ToMA with flash-attn and compiled."""
+    table = methods(model, tiny)
+    configs = [Config(label, method) for label, method in table.items()]
+    for mode, on in (("flash", flash), ("compiled", compiled)):
+        configs += [Config(label, table[label], mode) for label in ("baseline", "toma-0.5") if on]
+    return configs
+
+
+def select(configs: list[Config], names: list[str] | None) -> list[Config]:
+    """The configurations named (with ``baseline`` and each one's reference); all if ``names`` is ``None``."""
+    if names is None:
+        return configs
+    keep = {"baseline", *names} | {c.reference for c in configs if c.name in names}
+    return [c for c in configs if c.name in keep]
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_model(arch: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """A built-in architecture with random weights, constructed directly on ``device`` in ``dtype`` (initialising
+    Flux-dev's 12B parameters in fp32 on a CPU would take minutes and 48 GB)."""
+    build = build_unet if arch in UNET_CONFIGS else build_dit
+    with torch.device(device), default_dtype(dtype):
+        return build(arch, dtype)
+
+
+def flash_skip_reason(model: nn.Module, device: torch.device) -> str | None:
+    """Why flash-attn configurations cannot run on ``model`` here, or ``None`` if they can."""
+    if device.type != "cuda":
+        return "flash-attn needs CUDA"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash_attn is not installed"
+    if not any(hasattr(getattr(m, "processor", None), "_attention_backend") for m in model.modules()):
+        return "its attention processors call torch SDPA directly, not diffusers' backend dispatch"
+    return None
+
+
+def set_backend(model: nn.Module, backend: str) -> None:
+    """diffusers' attention backend of ``model`` (its 'experimental feature' warning silenced)."""
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        model.set_attention_backend(backend)
+    finally:
+        logging.set_verbosity(level)
+
+
+@contextlib.contextmanager
+def patched(model: nn.Module, config: Config) -> Iterator[None]:
+    """``model`` with the configuration's attention backend and method; both undone on exit."""
+    try:
+        if config.mode == "flash":
+            set_backend(model, "flash")
+        if config.method is not None:
+            tm.apply(model, config.method)
+        yield
+    finally:
+        tm.remove(model)
+        if config.mode == "flash":
+            set_backend(model, "native")
+
+
+def describe(exc: BaseException) -> str:
+    """One line: the exception's type and the first line of its message, and those of its cause if any."""
+
+    def line(e: BaseException) -> str:
+        text = str(e).strip()
+        return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+    return line(exc) + (f" (from {line(exc.__cause__)})" if exc.__cause__ is not None else "")
+
+
+class Stopwatch:
+    """Seconds of many short calls inside a longer computation: CUDA event pairs on a GPU (read after the computation,
+    without synchronising inside it), ``time.perf_counter`` on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.spans: list[Any] = []
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn``, timed at every call."""
+
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = fn(*args, **kwargs)
+                end.record()
+                self.spans.append((start, end))
+            else:
+                t = time.perf_counter()
+                out = fn(*args, **kwargs)
+                self.spans.append(time.perf_counter() - t)
+            return out
+
+        timed.__wrapped_by__ = self
+        return timed
+
+    def total(self) -> float:
+        """Seconds summed over every timed call (synchronises on a GPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return sum(start.elapsed_time(end) for start, end in self.spans) / 1000
+        return sum(self.spans)
+
+
+@contextlib.contextmanager
+def timed_merge_work(method: tm.Method, device: torch.device) -> Iterator[dict[str, Stopwatch]]:
+    """While open, every ``method.plan`` call and every ``merge`` / ``unmerge`` call of the plans it returns is timed
+    (instance attributes shadow the class' methods; the method's are removed on exit)."""
+    watches = {kind: Stopwatch(device) for kind in ("plan", "merge", "unmerge")}
+    planned = watches["plan"].wrap(method.plan)
+
+    def plan(*args: Any, **kwargs: Any) -> Any:
+        result = planned(*args, **kwargs)
+        for kind in ("merge", "unmerge"):
+            fn = getattr(result, kind, None)
+            if fn is not None and getattr(fn, "__wrapped_by__", None) is not watches[kind]:
+                object.__setattr__(result, kind, watches[kind].wrap(fn))
+        return result
+
+    object.__setattr__(method, "plan", plan)
+    try:
+        yield watches
+    finally:
+        object.__delattr__(method, "plan")
+
+
+def merge_overhead(model: nn.Module, run: Callable[[], Any], device: torch.device, rounds: int) -> dict[str, Any]:
+    """Seconds of the patched ``model``'s own merge work in a call of ``run``: its method's ``plan`` calls and its
+    plans' ``merge`` and ``unmerge`` calls, each timed where it runs; medians over ``rounds`` calls, and the number of
+    calls of each in one."""
+    method = vars(model)["_tokenmerge"].method
+    seconds: dict[str, list[float]] = {"plan": [], "merge": [], "unmerge": []}
+    for _ in range(rounds):
+        with timed_merge_work(method, device) as watches:
+            run()
+        for kind, watch in watches.items():
+            seconds[kind].append(watch.total())
+    calls = {f"{kind}_calls": len(watch.spans) for kind, watch in watches.items()}
+    return {f"{kind}_s": statistics.median(s) for kind, s in seconds.items()} | calls
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def graph_breaks() -> int:
+    """Graph breaks dynamo has met so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+def bench_compiled(
+    model: nn.Module, inputs: dict[str, Any], config: Config, device: torch.device, rounds: int
+) -> dict[str, Any]:
+    """Compile warm-up time, output, peak memory and timed rounds of ``torch.compile(model)`` with ``config``'s
+    method applied once; raises if a call after the first compiles again."""
+    torch._dynamo.reset()
+    target = denoiser_target(config.name, model, inputs, device, call=torch.compile(model, dynamic=False))
+
+    def checked() -> torch.Tensor:
+        graphs = compiled_graphs()
+        out = target.run()
+        if compiled_graphs() != graphs:
+            raise RuntimeError(f"recompiled on a repeated call ({compiled_graphs() - graphs} new graphs)")
+        return out
+
+    graphs, breaks = compiled_graphs(), graph_breaks()
+    try:
+        with patched(model, config):
+            compile_s = time_call(target.run, device)
+            result = dict(compile_s=compile_s, graphs=compiled_graphs() - graphs, graph_breaks=graph_breaks() - breaks)
+            result["output"] = checked().float().cpu()
+            result["memory"] = peak_memory(checked, device)
+            result["times"] = [time_call(checked, device) for _ in range(rounds)]
+        return result
+    finally:
+        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def bench_group(
+    model: nn.Module, inputs: dict[str, Any], configs: list[Config], device: torch.device, rounds: int
+) -> list[dict[str, Any]]:
+    """One result row per configuration on one model and input (see the module docstring); a configuration that
+    raises gets a row with ``error`` instead of timings."""
+    target = denoiser_target("eager", model, inputs, device)
+    outputs: dict[str, torch.Tensor] = {}
+    flops: dict[str, int] = {}
+    extra: dict[str, dict[str, Any]] = {c.name: {} for c in configs}
+    errors: dict[str, str] = {}
+    live = [c for c in configs if c.mode != "compiled"]
+    for config in list(live):  # warm-up, reference outputs, FLOPs, memory, merge overhead
+        try:
+            with patched(model, config):
+                outputs[config.name] = target.run().float().cpu()
+                if config.mode == "":
+                    flops[config.name] = count_flops(target.run)
+                mem, kind = peak_memory(target.run, device)
+                extra[config.name].update(peak_mem_mib=round(mem, 1), mem_kind=kind)
+                if config.label in OVERHEAD and config.method is not None:
+                    try:
+                        extra[config.name]["overhead"] = merge_overhead(model, target.run, device, rounds)
+                    except Exception as exc:  # the configuration is still timed
+                        extra[config.name]["overhead_error"] = describe(exc)
+        except Exception as exc:
+            errors[config.name] = describe(exc)
+            live.remove(config)
+        print(f"  warm-up {config.name}" + (f": {errors[config.name]}" if config.name in errors else ""), flush=True)
+    times: dict[str, list[float]] = {c.name: [] for c in live}
+    for r in range(rounds):
+        for config in list(live):
+            try:
+                with patched(model, config):
+                    times[config.name].append(time_call(target.run, device))
+            except Exception as exc:
+                errors[config.name] = describe(exc)
+                live.remove(config)
+                del times[config.name]
+        print(f"  round {r + 1}/{rounds} done", flush=True)
+    for config in (c for c in configs if c.mode == "compiled"):
+        try:
+            result = bench_compiled(model, inputs, config, device, rounds)
+        except Exception as exc:
+            errors[config.name] = describe(exc)
+        else:
+            outputs[config.name], times[config.name] = result.pop("output"), result.pop("times")
+            mem, kind = result.pop("memory")
+            extra[config.name].update(result, peak_mem_mib=round(mem, 1), mem_kind=kind)
+        done = f": {errors[config.name]}" if config.name in errors else f" ({extra[config.name]['compile_s']:.1f} s)"
+        print(f"  compiled {config.name}{done}", flush=True)
+    return assemble(configs, times, outputs, flops, extra, errors)
+
+
+def assemble(
+    configs: list[Config],
+    times: dict[str, list[float]],
+    outputs: dict[str, torch.Tensor],
+    flops: dict[str, int],
+    extra: dict[str, dict[str, Any]],
+    errors: dict[str, str],
+) -> list[dict[str, Any]]:
+    """Result rows in configuration order: :func:`summarise` plus mode, memory, compile time and merge overhead;
+    configurations that failed, or whose reference failed, get ``error``."""
+    for config in configs:
+        if config.name in times and (config.reference not in times or "baseline" not in times):
+            errors[config.name] = f"not compared: {config.reference} failed"
+            del times[config.name]
+    references = {c.name: c.reference for c in configs}
+    summary = {r["config"]: r for r in summarise(times, outputs, flops, references)} if times else {}
+    rows = []
+    for config in configs:
+        row: dict[str, Any] = dict(config=config.name, method=config.label, mode=config.mode or "eager")
+        if config.name in errors:
+            rows.append(dict(row, error=errors[config.name]))
+            continue
+        row |= summary[config.name] | extra[config.name]
+        twin = Config(config.label, config.method).name
+        if config.mode and twin in outputs:
+            ref = outputs[twin]
+            row["rel_l2_vs_eager"] = round(((outputs[config.name] - ref).norm() / ref.norm()).item(), 6)
+        if "compile_s" in row:
+            row["compile_s"] = round(row["compile_s"], 2)
+        overhead = row.get("overhead")
+        if overhead is not None:
+            total = overhead["plan_s"] + overhead["merge_s"] + overhead["unmerge_s"]
+            row["overhead"] = {k: round(v, 6) if isinstance(v, float) else v for k, v in overhead.items()}
+            row["overhead_share"] = round(total / statistics.median(times[config.name]), 4)
+        rows.append(row)
+    return rows
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model and batch: ToMA 0.5's eager speedup, overhead share and compiled speedup against the targets
+    (``None`` where not measured)."""
+    checks = []
+    for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
+        group = {r["config"]: r for r in rows if r["model"] == model and r["batch"] == batch}
+        eager, compiled = group.get("toma-0.5", {}), group.get("toma-0.5@compiled", {})
+        speedup, share, comp = eager.get("speedup"), eager.get("overhead_share"), compiled.get("speedup")
+        checks.append(
+            dict(
+                model=model,
+                batch=batch,
+                toma_speedup=speedup,
+                speedup_ok=None if speedup is None else speedup >= SPEEDUP_TARGET,
+                overhead_share=share,
+                overhead_ok=None if share is None else share <= OVERHEAD_TARGET,
+                compiled_speedup=comp,
+                compiled_ok=None if comp is None or speedup is None else comp >= speedup,
+            )
+        )
+    return checks
+
+
+def versions(device: torch.device) -> dict[str, Any]:
+    """GPU name and library versions for the JSON."""
+
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return dict(gpu=gpu, cuda=torch.version.cuda, **{p: version(p) for p in ("diffusers", "flash-attn", "triton")})
+
+
+def configure_dynamo() -> None:
+    """Make dynamo's recompile limit an error: past it, dynamo silently runs the frame eagerly, which would time an
+    eager model under a compiled label."""
+    import torch._dynamo.config
+
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile configurations")
+    parser.add_argument("--tiny", action="store_true", help="tiny-sdxl / tiny-flux in fp32 (CPU smoke test)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    parser.add_argument("--configs", nargs="+", help="run only these configurations (and their references)")
+    parser.add_argument("--out", type=Path, default=Path("results/gpu.json"))
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or min(args.batches) < 1:
+        parser.error("--rounds and --batches must be >= 1")
+    try:
+        args.device = resolve_device(args.device)
+    except HarnessError as exc:
+        parser.error(str(exc))
+    if not args.tiny and args.device.type != "cuda":
+        parser.error("real-size models need a CUDA GPU; use --tiny for the CPU smoke test")
+    if args.configs:
+        known = {c.name for m in args.models for c in configurations(m, args.tiny, True, not args.no_compile)}
+        unknown = set(args.configs) - known
+        if unknown:
+            parser.error(f"unknown configurations {sorted(unknown)}; choose from {sorted(known)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure_dynamo()
+    start = time.perf_counter()
+    device, dtype = args.device, torch.float32 if args.tiny else torch.bfloat16
+    meta: dict[str, Any] = dict(
+        tiny=args.tiny,
+        dtype=str(dtype).removeprefix("torch."),
+        rounds=args.rounds,
+        device=str(device),
+        **versions(device),
+        notes=[],
+    )
+    rows: list[dict[str, Any]] = []
+    for model_name in args.models:
+        spec = MODELS[model_name][args.tiny]
+        built = time.perf_counter()
+        model = build_model(spec.arch, device, dtype)
+        print(f"{spec.arch}: built on {device} in {time.perf_counter() - built:.1f} s", flush=True)
+        skip = flash_skip_reason(model, device)
+        if skip is not None:
+            meta["notes"].append(f"{model_name}: flash-attn configurations skipped: {skip}")
+        configs = configurations(model_name, args.tiny, skip is None, not args.no_compile)
+        configs = select(configs, args.configs)
+        for batch in args.batches:
+            print(f"{spec.arch}, batch {batch}, {spec.size}x{spec.size} latent:", flush=True)
+            inputs = denoiser_inputs(model, batch, spec.size, spec.size, text=spec.text)
+            group = bench_group(model, inputs, configs, device, args.rounds)
+            print_table(group, COLUMNS)
+            for row in group:
+                for key in ("error", "overhead_error"):
+                    if key in row:
+                        print(f"  {row['config']}: {key.replace('_', ' ')}: {row[key]}")
+            rows += [
+                dict(model=model_name, arch=spec.arch, batch=batch, size=spec.size, text=spec.text) | r for r in group
+            ]
+            meta["wall_s"] = round(time.perf_counter() - start, 1)
+            write_results(args.out, rows, dict(targets=check_targets(rows), complete=False), **meta)
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    targets = check_targets(rows)
+    for check in targets:
+        print(
+            f"{check['model']} batch {check['batch']}: ToMA {check['toma_speedup']}x (>= {SPEEDUP_TARGET}: "
+            f"{check['speedup_ok']}), overhead {check['overhead_share']} (<= {OVERHEAD_TARGET}: "
+            f"{check['overhead_ok']}), compiled {check['compiled_speedup']}x (>= eager: {check['compiled_ok']})"
+        )
+    for note in meta["notes"]:
+        print(f"note: {note}")
+    meta["wall_s"] = round(time.perf_counter() - start, 1)
+    write_results(args.out, rows, dict(targets=targets, complete=True), **meta)
+
+
+if __name__ == "__main__":
+    main()
