@@ -57,7 +57,10 @@ def test_pairs_that_never_change_give_distance_zero_and_one_checkpoint() -> None
     summary = observe_sequence(observe, [[x, x.clone()]] * STEPS, (4, 8))
     for metric in ("pairs_adj", "pairs_top_adj", "dest_adj", "weight_adj"):
         assert values(summary, metric) == [None] + [0.0] * (STEPS - 1)
-    assert values(summary, "pairs_ref") == [0.0] * STEPS and values(summary, "dest_ref") == [0.0] * STEPS
+    for kind in ("pairs", "dest"):
+        drift = summary["drift"][kind]["mean"][1]
+        assert [drift[s][t] for s in range(STEPS) for t in range(s + 1, STEPS)] == [0.0] * (STEPS * (STEPS - 1) // 2)
+        assert drift[1][0] is None and drift[2][2] is None  # defined for s < t only
     assert values(summary, "pairs_level", 1) == [0.0] * STEPS and values(summary, "pairs_level", 0) == [None] * STEPS
     assert catome_schedule(summary, tolerance=0.2) == [0]
     assert toma_intervals(summary, tolerance=0.2) == dict(dest_every=STEPS, weight_every=STEPS)
@@ -69,11 +72,11 @@ def test_pairs_that_all_change_give_distance_one_and_a_checkpoint_every_step() -
     assert values(summary, "pairs_top_adj") == [None] + [1.0] * (STEPS - 1)
     assert values(summary, "cell_share>=0.9") == [1.0] * STEPS  # every source matches its destination exactly
     assert catome_schedule(summary, tolerance=0.2) == list(range(STEPS))
-    assert catome_schedule(summary, tolerance=1.5) == [0, 2]  # sums 1 + 1 exceed 1.5 at step 2
+    # the drift is measured, not summed: from step s the pairs are back at s + 2
+    assert summary["drift"]["pairs"]["mean"][0][0][:3] == [None, 1.0, 0.0]
     destinations = observe_sequence(Observe(tile=(1, 2)), [[flipping_destinations(t)] for t in range(STEPS)], (2, 2))
     assert values(destinations, "dest_adj") == [None] + [1.0] * (STEPS - 1)
-    # against the step-0 destinations (reference: recomputed every 5 steps) the flips cancel at even steps
-    assert values(destinations, "dest_ref") == [0.0, 1.0] * (STEPS // 2)
+    assert destinations["drift"]["dest"]["max"][0][0][1:] == [1.0, 0.0, 1.0]
     assert toma_intervals(destinations, tolerance=0.2) == dict(dest_every=1, weight_every=1)
 
 
@@ -87,8 +90,10 @@ def test_set_statistics_on_small_cases() -> None:
         Observe(thresholds=(1.5,))
     with pytest.raises(ValueError, match="tolerance"):
         catome_schedule(observe_sequence(Observe(), [[flipping_pairs(t)] for t in range(2)], (2, 4)), tolerance=0)
-    with pytest.raises(ValueError, match="no pairs_adj values"):
-        catome_schedule(observe_sequence(Observe(), [[flipping_pairs(0)]], (2, 4)))
+    assert catome_schedule(observe_sequence(Observe(), [[flipping_pairs(0)]], (2, 4))) == [0]  # one step
+    one_row = observe_sequence(Observe(), [[torch.randn(1, 4, 2)]] * 2, (1, 4))  # no 2x2 cell: no pairs
+    with pytest.raises(ValueError, match="no pairs drift"):
+        catome_schedule(one_row)
 
 
 def test_observation_does_not_change_the_output(pipe) -> None:
@@ -119,7 +124,10 @@ def test_analyze_shapes_and_usable_schedules() -> None:
     derived = derive(stats, tolerance=0.2)
     schedule = derived["catome"]["schedule"]
     assert schedule[0] == 0 and schedule == sorted(set(schedule)) and schedule[-1] < 3
-    assert derived["catome"]["bound_max"] <= 0.2 and derived["toma"]["dest_bound_max"] <= 0.2
+    assert derived["catome"]["drift"]["max"] <= 0.2 and derived["toma"]["dest_drift"]["max"] <= 0.2
+    assert derived["catome"]["reference"]["schedule"] == [0, 1, 2]  # floor(s * 3 / 50) of config3's steps s
+    drift = stats["drift"]["pairs"]["mean"]
+    assert len(drift) == len(blocks) and all(len(row) == 3 for matrix in drift for row in matrix)
     tm.CAToMe(schedule=schedule)
     tm.ToMA(**toma_intervals(stats, 0.2))
 

@@ -27,7 +27,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=0.5, help="ToMeSD pairs and ToMA destinations: removed fraction")
     p.add_argument("--tile", type=int, nargs=2, default=[4, 4], metavar=("H", "W"), help="ToMA tile")
     p.add_argument("--tolerance", type=float, default=0.2, help="largest expected drift of reused sets (default 0.2)")
-    p.add_argument("--reference-schedule", default="config3", help="CA-ToMe schedule to compare with")
+    p.add_argument(
+        "--reference-schedule", default="config3", help="CA-ToMe schedule to compare with: a name or N (every N steps)"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
@@ -60,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from tokenmerge.analysis import Observe, analyze, derive, write_report
     from tokenmerge.harness import models, report
     from tokenmerge.harness.prompts import load_prompts
+    from tokenmerge.methods.catome import CAToMe
 
     for name in ("num_prompts", "steps", "height", "width"):
         value = getattr(args, name)
@@ -71,12 +74,12 @@ def run(args: argparse.Namespace) -> int:
         raise HarnessError(f"--tolerance must be positive, got {args.tolerance}")
     schedule = int(args.reference_schedule) if args.reference_schedule.isdigit() else args.reference_schedule
     try:
+        CAToMe(schedule=schedule)
         observe = Observe(
             thresholds=tuple(args.thresholds),
             pair_threshold=args.pair_threshold,
             ratio=args.ratio,
             tile=tuple(args.tile),
-            reference_schedule=schedule,
         )
     except ValueError as exc:
         raise HarnessError(str(exc)) from None
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise HarnessError(str(exc).splitlines()[0]) from None
-    derived = derive(stats, args.tolerance)
+    derived = derive(stats, args.tolerance, schedule)
     meta = dict(model=args.model, prompt_set=args.prompts, seeds=args.seeds, steps=args.steps, device=str(device))
     meta.update(dtype=args.dtype, height=args.height, width=args.width, guidance_scale=args.guidance_scale)
     with report.atomic_dir(args.out, args.overwrite) as tmp:

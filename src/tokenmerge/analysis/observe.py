@@ -2,14 +2,16 @@
 
 It runs under :func:`tokenmerge.apply` like any method (the patch machinery's hooks and step tracking), but its
 ``plan`` returns ``None``, so every block runs unmerged and the output is bit-identical to the unpatched model.
-Statistics are streamed: per block only the previous step's sets and merge matrix and the sets at the reference
-schedules' last recomputation are kept; per (run, block, step) a few scalars, and histograms summed over runs.
+Statistics are streamed: no similarity matrix outlives its block call. Per block and generation, the merge decisions
+of the earlier steps are kept as compact sets (int8/int16 codes per token: a few KB per step), to measure the drift
+of the current sets from every earlier step; the merge matrix only of the previous step. Per (run, block, step) a
+few scalars are recorded, and histograms summed over runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +20,6 @@ import torch
 
 from tokenmerge.analysis import stats as st
 from tokenmerge.methods.base import Method, check_common, parse_blocks
-from tokenmerge.methods.catome import CAToMe
 from tokenmerge.methods.tomesd import check_cells
 from tokenmerge.ops.bipartite import bipartite_match, cell_destinations
 from tokenmerge.ops.tiles import TileGrid
@@ -27,15 +28,14 @@ from tokenmerge.ops.tiles import TileGrid
 STABILITY = {
     "pairs_adj": "CA-ToMe pairs (best similarity >= pair threshold): Jaccard distance to the previous step",
     "pairs_top_adj": "ToMeSD pairs (top ratio*N sources): Jaccard distance to the previous step",
-    "pairs_ref": "CA-ToMe pairs: Jaccard distance to the reference schedule's last checkpoint",
     "pairs_level": "CA-ToMe pairs: Jaccard distance to the level's first block at the same step",
     "dest_adj": "ToMA destinations: Jaccard distance to the previous step",
-    "dest_ref": "ToMA destinations: Jaccard distance to the last recompute (every reference_dest_every steps)",
     "dest_level": "ToMA destinations: Jaccard distance to the level's first block at the same step",
     "weight_adj": "ToMA merge matrix, fixed destinations: relative Frobenius change from the previous step",
 }
+#: Sets whose Jaccard distance from every earlier step is recorded (``drift[s][t]``, ``s < t``).
+DRIFT = ("pairs", "dest")
 HIST_KINDS = ("cell", "tile")
-_SETS = ("pairs", "pairs_top", "dest")
 
 
 @dataclass(eq=False)
@@ -67,12 +67,12 @@ class Observe(Method):
       destinations: histogram (``bins`` bins over ``[-1, 1]``), mean, and share ``>=`` each of ``thresholds``;
     - tile-local best matches (ToMA): every token's best similarity to another token of its ``tile``, likewise;
     - Jaccard distances ``1 - |A & B| / |A | B|`` of CA-ToMe's pair set (sources with best similarity
-      ``>= pair_threshold`` -> their destination) and ToMeSD's (the top ``int(ratio * N)``) to step ``t - 1``; of
-      CA-ToMe's to the last checkpoint of ``reference_schedule`` (read as ``tm.CAToMe(schedule=...)`` reads it) and to
-      the level's first block at step ``t``;
-    - the same for ToMA's destination sets (``ratio``, ``tile``; reference: recomputed every
-      ``reference_dest_every`` steps, as ``tm.ToMA(dest_every=...)``), and ``||A_t - A_{t-1}||_F / ||A_{t-1}||_F``
-      of ToMA's merge matrix, both computed with step ``t - 1``'s destinations.
+      ``>= pair_threshold`` -> their destination) and ToMeSD's (the top ``int(ratio * N)``) to step ``t - 1``, and of
+      CA-ToMe's to the level's first block at step ``t``;
+    - the same for ToMA's destination sets (``ratio``, ``tile``), and ``||A_t - A_{t-1}||_F / ||A_{t-1}||_F`` of
+      ToMA's merge matrix, both computed with step ``t - 1``'s destinations;
+    - drift: the Jaccard distance of CA-ToMe's pairs and of ToMA's destinations at step ``t`` from those at every
+      earlier step ``s`` (``drift[s][t]``): what reusing step ``s``'s sets at step ``t`` changes.
 
     Cell destinations are fixed per grid (top-left with ``use_rand=False``, else one draw from a generator seeded
     with ``seed``), so pair changes come from the tokens, not from the draw; no global random state is touched.
@@ -90,8 +90,6 @@ class Observe(Method):
     use_rand: bool = False
     seed: int = 0
     bins: int = 40
-    reference_schedule: str | int | Sequence[int] = "config3"
-    reference_dest_every: int = 5
     layout: tuple[tuple[str, str, int], ...] = ()
     max_downsample: int = 1 << 20
     steps: Collection[int] | None = field(default=None)
@@ -110,10 +108,9 @@ class Observe(Method):
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
         if len(self.tile) != 2 or any(int(t) != t or t < 1 for t in self.tile):
             raise ValueError(f"tile must be two positive integers (tile_h, tile_w), got {self.tile!r}")
-        if self.tau <= 0 or self.bins < 1 or self.reference_dest_every < 1:
-            raise ValueError("tau must be positive, bins and reference_dest_every at least 1")
+        if self.tau <= 0 or self.bins < 1:
+            raise ValueError(f"tau must be positive and bins at least 1, got tau={self.tau}, bins={self.bins}")
         check_cells(self.sx, self.sy)
-        CAToMe(schedule=self.reference_schedule)  # validates the schedule
         check_common(self.max_downsample, self.steps)
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
         object.__setattr__(self, "blocks", parse_blocks(self.blocks))
@@ -154,7 +151,13 @@ class Observe(Method):
             row.update({f"{k}_adj": _mean(st.jaccard_distance(cache["sets"][k], v)) for k, v in sets.items()})
             fixed = st.toma_weights(x, tiles, cache["dest"], self.tau)
             row["weight_adj"] = _mean(st.relative_change(fixed, cache["weights"]))
-        row.update(self._against_references(sets, cache, step))
+        history = cache.setdefault("history", {})
+        for kind in DRIFT:
+            if kind in sets:
+                row[f"{kind}_drift"] = {
+                    s: _mean(st.jaccard_distance(old[kind], sets[kind])) for s, old in history.items()
+                }
+        history[step] = {k: st.compact(sets[k], h * w) for k in DRIFT if k in sets}
         row.update(self._against_level(sets, block, generation, step))
         cache.update(step=step, sets=sets, dest=dest, weights=st.toma_weights(x, tiles, dest, self.tau))
         self.recorder.rows.append(row)
@@ -169,20 +172,6 @@ class Observe(Method):
         return {f"{kind}_mean": float(best.float().mean())} | {
             f"{kind}_share>={t:g}": s for t, s in zip(self.thresholds, shares, strict=True)
         }
-
-    def _against_references(self, sets: dict[str, torch.Tensor], cache: dict[str, Any], step: int) -> dict:
-        """Distances to the sets of the reference schedules' last recomputation (CA-ToMe pairs, ToMA destinations)."""
-        anchors = cache.setdefault("anchors", {})
-        num_steps = cache["generation"].get("num_steps")
-        out = {}
-        if "pairs" in sets:
-            if "pairs" not in anchors or CAToMe(schedule=self.reference_schedule).is_checkpoint(step, num_steps):
-                anchors["pairs"] = sets["pairs"]
-            out["pairs_ref"] = _mean(st.jaccard_distance(anchors["pairs"], sets["pairs"]))
-        if "dest" not in anchors or step - anchors["dest_step"] >= self.reference_dest_every:
-            anchors.update(dest=sets["dest"], dest_step=step)
-        out["dest_ref"] = _mean(st.jaccard_distance(anchors["dest"], sets["dest"]))
-        return out
 
     def _against_level(self, sets: dict[str, torch.Tensor], block: int, generation: dict, step: int) -> dict:
         """Distances to the sets of the first block of the same level (``layout`` group) at this step."""
@@ -202,8 +191,9 @@ def _mean(values: torch.Tensor) -> float:
 
 def summarize(observe: Observe) -> dict[str, Any]:
     """The recorded statistics as plain data (JSON-able): every metric per block and step as mean, std, min and max
-    over runs (``None`` where undefined; every :data:`STABILITY` metric is present), and the histograms summed over
-    runs and samples.
+    over runs (``metrics[m][stat][block][step]``, ``None`` where undefined; every :data:`STABILITY` metric is
+    present), the drift matrices as mean and max over runs (``drift[kind][stat][block][s][t]``, defined for
+    ``s < t``), and the histograms summed over runs and samples (``histograms[kind][block][step][bin]``).
 
     Raises ``ValueError`` when nothing was observed.
     """
@@ -211,16 +201,19 @@ def summarize(observe: Observe) -> dict[str, Any]:
     if not rows:
         raise ValueError("nothing was observed: no block ran with a token grid while the observer was applied")
     num_blocks, num_steps = 1 + max(r["block"] for r in rows), 1 + max(r["step"] for r in rows)
-    names = list(
-        dict.fromkeys([*(k for r in rows for k in r if k not in ("run", "block", "step", "grid")), *STABILITY])
-    )
+    skip = {"run", "block", "step", "grid", *(f"{k}_drift" for k in DRIFT)}
+    names = list(dict.fromkeys([*(k for r in rows for k in r if k not in skip), *STABILITY]))
     cubes = {m: np.full((recorder.runs, num_blocks, num_steps), np.nan) for m in names}
+    drift = {k: np.full((recorder.runs, num_blocks, num_steps, num_steps), np.nan) for k in DRIFT}
     grids: dict[int, list[int]] = {}
     for r in rows:
         grids.setdefault(r["block"], r["grid"])
         for m in names:
             if m in r:
                 cubes[m][r["run"], r["block"], r["step"]] = r[m]
+        for k in DRIFT:
+            for s, d in r.get(f"{k}_drift", {}).items():
+                drift[k][r["run"], r["block"], s, r["step"]] = d
     blocks = []
     for b in range(num_blocks):
         name, group, downsample = observe.layout[b] if b < len(observe.layout) else (f"block{b}", f"block{b}", 0)
@@ -232,8 +225,8 @@ def summarize(observe: Observe) -> dict[str, Any]:
         ]
         for kind in HIST_KINDS
     }
-    skip = {"recorder", "layout", "blocks", "steps", "max_downsample"}
-    config = {f.name: getattr(observe, f.name) for f in dataclasses.fields(observe) if f.name not in skip}
+    internal = {"recorder", "layout", "blocks", "steps", "max_downsample"}
+    config = {f.name: getattr(observe, f.name) for f in dataclasses.fields(observe) if f.name not in internal}
     return dict(
         config=_plain(config),
         runs=recorder.runs,
@@ -241,6 +234,7 @@ def summarize(observe: Observe) -> dict[str, Any]:
         blocks=blocks,
         bin_edges=np.linspace(-1.0, 1.0, observe.bins + 1).tolist(),
         metrics={m: spread(c) for m, c in cubes.items()},
+        drift={k: {stat: v for stat, v in spread(c).items() if stat in ("mean", "max")} for k, c in drift.items()},
         histograms=hists,
     )
 

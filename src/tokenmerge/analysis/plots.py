@@ -37,11 +37,11 @@ def selected_steps(num_steps: int, count: int = 5) -> list[int]:
     return sorted({round(i * (num_steps - 1) / max(count - 1, 1)) for i in range(count)})
 
 
-def _step_axis(ax: Any) -> None:
+def _step_axis(ax: Any, axis: str = "x", label: str = "step") -> None:
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("step", fontsize=8)
+    getattr(ax, f"{axis}axis").set_major_locator(MaxNLocator(integer=True))
+    getattr(ax, f"set_{axis}label")(label, fontsize=8)
 
 
 def _axes(plt: Any, panels: int, title: str) -> tuple[Any, list[Any]]:
@@ -135,6 +135,28 @@ def shares_figure(stats: dict[str, Any], kind: str, path: Path) -> None:
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def drift_figure(stats: dict[str, Any], kind: str, path: Path) -> None:
+    """Per level, the drift matrix of ``kind`` (``pairs``/``dest``): mean over the level's blocks and runs of the
+    Jaccard distance of the sets at step ``t`` (columns) from those at step ``s`` (rows), ``s < t``."""
+    plt = _pyplot()
+    groups = levels(stats)
+    what = "CA-ToMe pairs" if kind == "pairs" else "ToMA destinations"
+    fig, axes = _axes(plt, len(groups), f"{what}: Jaccard distance of step t's sets from step s's (mean)")
+    for ax, (group, members) in zip(axes, groups.items(), strict=True):
+        with warnings.catch_warnings():  # undefined cells (s >= t) stay empty
+            warnings.simplefilter("ignore", RuntimeWarning)
+            matrix = np.nanmean(np.asarray(stats["drift"][kind]["mean"], dtype=float)[members], 0)
+        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="magma", origin="upper")
+        ax.set_title(group, fontsize=9)
+        _step_axis(ax, "x", "step t")
+        _step_axis(ax, "y", "step s")
+        ax.tick_params(labelsize=7)
+        fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tokenmerge.analysis.observe import Observe, Recorder, summarize
-from tokenmerge.analysis.schedules import catome_schedule, drift_bound, step_curve, toma_intervals
+from tokenmerge.analysis.schedules import (
+    bound_matrix,
+    catome_schedule,
+    drift_matrix,
+    every,
+    schedule_drift,
+    selected_blocks,
+    toma_intervals,
+)
 from tokenmerge.methods.catome import CAToMe
+from tokenmerge.methods.toma import ToMA
 from tokenmerge.patch import adapter_for, apply, find_denoiser, remove
-
-#: ToMA's default ``weight_every``, the reference the derived one is compared with (``dest_every``: the observer's
-#: ``reference_dest_every``, ToMA's default 5).
-TOMA_REFERENCE_WEIGHT_EVERY = 1
 
 
 def observer_for(obj: Any, observe: Observe | None = None) -> Observe:
@@ -31,6 +36,13 @@ def observer_for(obj: Any, observe: Observe | None = None) -> Observe:
     )
 
 
+def diffusers_call(pipe: Any, prompt: str, seed: int, steps: int, **kwargs: Any) -> Any:
+    """One generation by the stock diffusers pipeline call: a CPU generator seeded with ``seed``, latents out (the VAE
+    does not run); ``kwargs`` (``height``, ``width``, ``guidance_scale``, ...) go to the call."""
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_inference_steps=steps, generator=generator, output_type="latent", **kwargs)
+
+
 def analyze(
     pipe: Any,
     prompts: Sequence[str],
@@ -38,13 +50,14 @@ def analyze(
     steps: int = 20,
     observe: Observe | None = None,
     progress: bool = False,
+    call: Callable[..., Any] = diffusers_call,
     **call_kwargs: Any,
 ) -> dict[str, Any]:
-    """Generate every (prompt, seed) once with the stock pipeline call under an :class:`Observe` (nothing merged)
-    and return :func:`summarize`'s statistics, with the runs listed under ``runs_info``.
+    """Generate every (prompt, seed) once under an :class:`Observe` (nothing merged) and return :func:`summarize`'s
+    statistics, with the runs listed under ``runs_info``.
 
-    ``call_kwargs`` go to the pipeline call (``height``, ``width``, ``guidance_scale``, ...); latents are returned
-    by the pipeline (``output_type="latent"``), so the VAE does not run. The pipeline is left unpatched.
+    Each generation is ``call(pipe, prompt, seed, steps, **call_kwargs)`` in inference mode (default
+    :func:`diffusers_call`; pass another for pipelines with a different call). The pipeline is left unpatched.
     """
     from tqdm.auto import tqdm
 
@@ -57,9 +70,8 @@ def analyze(
     apply(pipe, observer)
     try:
         for prompt, seed in tqdm(items, desc="analyze", disable=not progress):
-            generator = torch.Generator().manual_seed(seed)
             with torch.inference_mode():
-                pipe(prompt, num_inference_steps=steps, generator=generator, output_type="latent", **call_kwargs)
+                call(pipe, prompt, seed, steps, **call_kwargs)
     finally:
         remove(pipe)
     stats = summarize(observer)
@@ -67,51 +79,53 @@ def analyze(
     return stats
 
 
-def derive(stats: dict[str, Any], tolerance: float = 0.2) -> dict[str, Any]:
-    """Schedules for ``tolerance`` and how they and the reference schedules drift on the observed run.
+def derive(
+    stats: dict[str, Any], tolerance: float = 0.2, reference_schedule: str | int | list[int] = "config3"
+) -> dict:
+    """Schedules for ``tolerance`` and the drift that they and the references allow on the observed runs.
 
-    ``catome``: :func:`catome_schedule` on the finest level (CA-ToMe's placement); ``toma``: :func:`toma_intervals`
-    on downsample <= 4 (ToMA's). ``bound_*``: the summed adjacent distances since the last recomputation
-    (:func:`drift_bound`); ``measured_*``: the drift of the reference schedule measured by the observer against its
-    last recomputation (mean and max over steps of the per-step block means).
+    ``catome``: :func:`catome_schedule` on the finest level (CA-ToMe's placement), against ``reference_schedule``
+    (as ``tm.CAToMe`` reads it); ``toma``: :func:`toma_intervals` on downsample <= 4 (ToMA's placement), against
+    ToMA's defaults. ``drift``: mean and max over steps of :func:`schedule_drift` (for ToMA's merge matrix, the
+    bound of :func:`bound_matrix`).
     """
     n = stats["num_steps"]
-    config = stats["config"]
-    pairs, pairs_ref = step_curve(stats, "pairs_adj"), step_curve(stats, "pairs_ref")
+    pairs = drift_matrix(stats, "pairs")
     schedule = catome_schedule(stats, tolerance)
-    reference = CAToMe(schedule=config["reference_schedule"])
-    ref_points = sorted(reference.checkpoints(n) or range(0, n, reference.schedule))
+    reference = CAToMe(schedule=reference_schedule)
+    ref_points = sorted(reference.checkpoints(n) or every(reference.schedule, n))
     catome = dict(
         schedule=schedule,
-        downsample=min(b["downsample"] for b in stats["blocks"]),
-        bound_max=max(drift_bound(pairs, schedule)),
+        downsample=min(stats["blocks"][i]["downsample"] for i in selected_blocks(stats)),
+        drift=_over_steps(schedule_drift(pairs, schedule)),
         reference=dict(
-            name=config["reference_schedule"],
-            schedule=ref_points,
-            bound_max=max(drift_bound(pairs, ref_points)),
-            measured_mean=sum(pairs_ref) / n,
-            measured_max=max(pairs_ref),
+            name=reference_schedule, schedule=ref_points, drift=_over_steps(schedule_drift(pairs, ref_points))
         ),
     )
     intervals = toma_intervals(stats, tolerance)
-    dest, weight, dest_ref = (step_curve(stats, m, 4) for m in ("dest_adj", "weight_adj", "dest_ref"))
-    ref_every = config["reference_dest_every"]
+    dest, weight = drift_matrix(stats, "dest", 4), bound_matrix(stats, "weight_adj", 4)
+    default = ToMA()
+
+    def toma_drift(dest_every: int, weight_every: int) -> dict[str, Any]:
+        return dict(
+            dest_every=dest_every,
+            weight_every=weight_every,
+            dest_drift=_over_steps(schedule_drift(dest, every(dest_every, n))),
+            weight_bound=_over_steps(schedule_drift(weight, every(weight_every, n))),
+        )
+
     toma = dict(
-        **intervals,
-        dest_bound_max=max(drift_bound(dest, range(0, n, intervals["dest_every"]))),
-        weight_bound_max=max(drift_bound(weight, range(0, n, intervals["weight_every"]))),
-        reference=dict(
-            dest_every=ref_every,
-            weight_every=TOMA_REFERENCE_WEIGHT_EVERY,
-            dest_bound_max=max(drift_bound(dest, range(0, n, ref_every))),
-            dest_measured_mean=sum(dest_ref) / n,
-            dest_measured_max=max(dest_ref),
-        ),
+        **toma_drift(intervals["dest_every"], intervals["weight_every"]),
+        reference=toma_drift(default.dest_every, default.weight_every),
     )
     return dict(tolerance=tolerance, catome=catome, toma=toma)
 
 
-#: Figures of a report: file name -> (kind, argument) for :mod:`tokenmerge.analysis.plots`.
+def _over_steps(curve: list[float]) -> dict[str, float]:
+    return dict(mean=sum(curve) / len(curve), max=max(curve))
+
+
+#: Stability metrics drawn as curves per block (``stability_<metric>.png``).
 STABILITY_FIGURES = ("pairs_adj", "pairs_top_adj", "dest_adj", "weight_adj", "pairs_level", "dest_level")
 
 
@@ -128,6 +142,9 @@ def write_report(stats: dict[str, Any], derived: dict[str, Any], out: Path, meta
             plots.histogram_figure(stats, kind, out / f"hist_{kind}.png")
             plots.shares_figure(stats, kind, out / f"shares_{kind}.png")
             written += [f"hist_{kind}.png", f"shares_{kind}.png"]
+    for kind in ("pairs", "dest"):
+        plots.drift_figure(stats, kind, out / f"drift_{kind}.png")
+        written.append(f"drift_{kind}.png")
     for metric in STABILITY_FIGURES:
         if metric in stats["metrics"]:
             plots.stability_figure(stats, metric, out / f"stability_{metric}.png")
@@ -162,7 +179,7 @@ def summary_markdown(stats: dict[str, Any], derived: dict[str, Any], meta: dict[
         columns += [f"{kind}_mean", *(k for k in stats["metrics"] if k.startswith(f"{kind}_share>="))]
     columns = [c for c in (*columns, *STABILITY_FIGURES) if c in rows[0]]
     catome, toma, tol = derived["catome"], derived["toma"], derived["tolerance"]
-    ref, tref = catome["reference"], toma["reference"]
+    ref, tref, n = catome["reference"], toma["reference"], stats["num_steps"]
     config = stats["config"]
     catome_options = f"threshold={config['pair_threshold']},max_downsample={catome['downsample']}"
     toma_options = f"ratio={config['ratio']},tile=({config['tile'][0]},{config['tile'][1]})"
@@ -178,21 +195,20 @@ def summary_markdown(stats: dict[str, Any], derived: dict[str, Any], meta: dict[
         markdown_table(rows, columns),
         f"## Schedules for tolerance {tol}",
         "",
-        "Drift bound: summed adjacent-step distances since the last recomputation (Jaccard distance is a metric, "
-        "so this bounds the distance to the recomputed sets); measured: the observer's distance to the reference's "
-        "last recomputation. Mean over steps of the per-step block mean; max over steps.",
+        "Drift: the Jaccard distance of the sets in use (pairs, destinations) from those the model would compute at "
+        "that step, measured on these runs; for ToMA's merge matrix, the summed relative changes since the last "
+        "recomputation (a bound). Mean over steps of the block mean, and the worst step.",
         "",
-        "| schedule | recomputations | drift bound (max) | measured drift (mean / max) |",
-        "| --- | --- | --- | --- |",
-        f"| CA-ToMe derived `schedule={catome['schedule']}` | {len(catome['schedule'])} | "
-        f"{catome['bound_max']:.3f} | - |",
-        f"| CA-ToMe reference `{ref['name']}` = {ref['schedule']} | {len(ref['schedule'])} | {ref['bound_max']:.3f} | "
-        f"{ref['measured_mean']:.3f} / {ref['measured_max']:.3f} |",
-        f"| ToMA derived `dest_every={toma['dest_every']}, weight_every={toma['weight_every']}` | "
-        f"{-(-stats['num_steps'] // toma['dest_every'])} (destinations) | {toma['dest_bound_max']:.3f} | - |",
-        f"| ToMA reference `dest_every={tref['dest_every']}` | {-(-stats['num_steps'] // tref['dest_every'])} "
-        f"(destinations) | {tref['dest_bound_max']:.3f} | {tref['dest_measured_mean']:.3f} / "
-        f"{tref['dest_measured_max']:.3f} |",
+        "| schedule | recomputations | drift (mean / max) |",
+        "| --- | --- | --- |",
+        f"| CA-ToMe derived `schedule={catome['schedule']}` | {len(catome['schedule'])} | {_pair(catome['drift'])} |",
+        f"| CA-ToMe reference `{ref['name']}` = {ref['schedule']} | {len(ref['schedule'])} | {_pair(ref['drift'])} |",
+        *(
+            f"| ToMA {label} `dest_every={t['dest_every']}, weight_every={t['weight_every']}` | "
+            f"{len(every(t['dest_every'], n))} / {len(every(t['weight_every'], n))} (destinations / weights) | "
+            f"{_pair(t['dest_drift'])} (destinations), {_pair(t['weight_bound'])} (weights, bound) |"
+            for label, t in (("derived", toma), ("default", tref))
+        ),
         "",
         f"CA-ToMe blocks: downsample {catome['downsample']}; ToMA: downsample <= 4. The schedule is for "
         f"{stats['num_steps']} steps (0-based, used as given by `tm.CAToMe`). Use them as",
@@ -213,3 +229,7 @@ def summary_markdown(stats: dict[str, Any], derived: dict[str, Any], meta: dict[
         "",
     ]
     return "\n".join(lines)
+
+
+def _pair(drift: dict[str, float]) -> str:
+    return f"{drift['mean']:.3f} / {drift['max']:.3f}"

@@ -94,3 +94,11 @@ def relative_change(new: list[torch.Tensor], old: list[torch.Tensor]) -> torch.T
     diff = sum((n.float() - o.float()).pow(2).flatten(1).sum(-1) for n, o in zip(new, old, strict=True))
     norm = sum(o.float().pow(2).flatten(1).sum(-1) for o in old)
     return (diff / norm.clamp_min(1e-30)).sqrt()
+
+
+def compact(codes: torch.Tensor, upper: int) -> torch.Tensor:
+    """Codes with values in ``[-1, upper)`` in the smallest integer type that holds them (to keep them cheaply)."""
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        if upper <= torch.iinfo(dtype).max:
+            return codes.to(dtype)
+    return codes
