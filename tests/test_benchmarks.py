@@ -104,3 +104,11 @@ def test_gpu_benchmark_bad_input() -> None:
     if not torch.cuda.is_available():
         done = subprocess.run([sys.executable, script, "--models", "sdxl"], capture_output=True, text=True)
         assert done.returncode == 2 and "need a CUDA GPU" in done.stderr
+
+
+def test_gpu_benchmark_builds_in_dtype(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    gpu = importlib.import_module("gpu")
+    model = gpu.build_model("tiny-flux", torch.device("cpu"), torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and not model.training
+    assert torch.get_default_dtype() == torch.float32
