@@ -16,33 +16,34 @@ scratch: the worst case for the methods' overhead), timed by CUDA events on a GP
 turn, patch applied before and removed after the call, outside the timed region), median over rounds. Compiled
 configurations cannot be interleaved that way: every ``tm.apply`` installs new hooks, on which dynamo guards, so each
 re-application would recompile. Each compiled configuration is therefore timed in its own block after the eager
-rounds: dynamo reset, patch applied once, a first call (compile warm-up, reported as ``compile_s``), a second call
-that must not compile again, then the rounds. A configuration that raises (a compile failure, dynamo's recompile limit
--- made an error here instead of a silent fall back to eager --, a recompile during a timed call, out of memory) is
-recorded with its error and the run goes on. Peak memory: growth of ``torch.cuda.max_memory_allocated`` in one
-untimed call (on the CPU: sampled RSS growth), ``tokenmerge.harness.bench.peak_memory``.
+rounds: dynamo reset, patch applied once, warm-up calls until one compiles nothing new (``compile_s``: the time of
+those that compiled, at most 3), then an output call and the rounds, none of which may compile again. A configuration
+that raises (a compile failure, dynamo's recompile limit -- made an error here instead of a silent fall back to eager
+--, a recompile during a timed call, out of memory) is recorded with its error and the run goes on. Peak memory:
+growth of ``torch.cuda.max_memory_allocated`` in one untimed call (on the CPU: sampled RSS growth),
+``tokenmerge.harness.bench.peak_memory``.
 
-Merge overhead (ToMA and ToMeSD): R more calls of the patched model in which every call of the method's ``plan`` and
-of the returned plans' ``merge`` and ``unmerge`` is timed where it runs (instance attributes on the method and the
-plans wrap them, removed afterwards): CUDA event pairs around each, read after the forward, so nothing synchronises
-inside it; ``perf_counter`` on the CPU. This counts what a real call does: selection and merge weights where the
-first block of a reuse group plans, cache hits where later blocks reuse its plan (ToMA), one merge and one unmerge
-per merged sub-module (UNet: self-attention, cross-attention queries, MLP; Flux: the attention of double-stream
-blocks, the attention + MLP span of single-stream blocks). Per phase the median over the R calls is taken;
-``overhead_share`` = (plan + merge + unmerge) / median time of the same configuration's (uninstrumented) timed calls.
-Not counted: the hooks' Python bookkeeping, the text-prefix concatenation around Flux spans and the per-sample rotary
-tables (they replace the model's own rotation). An event pair measures the stream time between its two points: where
-the GPU waits for the CPU (launch-bound), that includes launching the wrapped work, which is then real cost too.
+Merge overhead (ToMA and ToMeSD): R more calls of the patched model in which every call of the method's ``plan`` and of
+the returned plans' ``merge`` and ``unmerge`` is timed where it runs (instance attributes on the method and the plans
+wrap them, removed afterwards): CUDA event pairs around each, read after the forward, so nothing synchronises inside it;
+``perf_counter`` on the CPU. This counts what a real call does: selection and merge weights where the first block of a
+reuse group plans, cache hits where later blocks reuse its plan (ToMA), one merge and one unmerge per merged sub-module
+(UNet: self-attention, cross-attention queries, MLP; Flux: the attention of double-stream blocks, the attention + MLP
+span of single-stream blocks). ``overhead_share`` is the median over the R calls of (plan + merge + unmerge) / that
+call's time; per phase, the median seconds are reported too. Not counted: the hooks' Python bookkeeping, the text-prefix
+concatenation around Flux spans and the per-sample rotary tables (they replace the model's own rotation). An event pair
+measures the stream time between its two points: where the GPU waits for the CPU (launch-bound), that includes launching
+the wrapped work, which is then real cost too.
 
 Speedups are against the unpatched configuration of the same mode (eager SDPA, eager flash, compiled). Targets
 (issue #7, ratio 0.5, 1024px): ToMA >= 1.4x on both models, overhead <= 5% of the denoiser time, compiled ToMA's
 speedup over compiled unpatched >= the eager one; they are checked per model and batch under ``targets`` in the JSON.
 
 Budget (one H100, 5 rounds R): per model and batch, 4 eager configurations x (warm-up, FLOP count, memory, R
-rounds) + R instrumented calls each for ToMA and ToMeSD + 2 flash x (2 + R) + 2 compiled x (3 + R) = 72 denoiser
-calls (58 without flash), many of them cheaper than an unpatched one. Unpatched at 1024px (FLOPs measured with
+rounds) + R instrumented calls each for ToMA and ToMeSD + 2 flash x (2 + R) + 2 compiled x (4 + R) = 74 denoiser
+calls (60 without flash), many of them cheaper than an unpatched one. Unpatched at 1024px (FLOPs measured with
 ``torch.utils.flop_counter`` in this project's notes): SDXL 6.76 TFLOP at batch 1, Flux-dev 74. Flux at batches 1 and 2:
-at most 72 x 222 = 16,000 TFLOP, 27-40 s at 400-600 TFLOP/s effective; SDXL: at most 58 x 20.3 = 1,200 TFLOP, a few
+at most 74 x 222 = 16,400 TFLOP, 27-41 s at 400-600 TFLOP/s effective; SDXL: at most 60 x 20.3 = 1,200 TFLOP, a few
 seconds at that rate. The rest of the 8 minutes goes to the model builds and the 8 compile warm-ups, which this
 estimate cannot bound: ``compile_s`` per configuration and ``wall_s`` in the JSON say what they took; trim with
 ``--batches 1`` or ``--no-compile``. The JSON is rewritten after every model and batch (``complete`` false until the
@@ -282,18 +283,24 @@ def timed_merge_work(method: tm.Method, device: torch.device) -> Iterator[dict[s
 
 
 def merge_overhead(model: nn.Module, run: Callable[[], Any], device: torch.device, rounds: int) -> dict[str, Any]:
-    """Seconds of the patched ``model``'s own merge work in a call of ``run``: its method's ``plan`` calls and its
-    plans' ``merge`` and ``unmerge`` calls, each timed where it runs; medians over ``rounds`` calls, and the number of
-    calls of each in one."""
+    """The patched ``model``'s own merge work in ``rounds`` timed calls of ``run``: seconds of its method's ``plan``
+    calls and of its plans' ``merge`` and ``unmerge`` calls, each timed where it runs, and of the whole call (medians);
+    ``share``, the median over calls of (plan + merge + unmerge) / that call's time; the number of each in a call."""
     method = vars(model)["_tokenmerge"].method
-    seconds: dict[str, list[float]] = {"plan": [], "merge": [], "unmerge": []}
+    seconds: dict[str, list[float]] = {"plan": [], "merge": [], "unmerge": [], "call": []}
+    shares = []
     for _ in range(rounds):
         with timed_merge_work(method, device) as watches:
-            run()
+            seconds["call"].append(time_call(run, device))
         for kind, watch in watches.items():
             seconds[kind].append(watch.total())
+        shares.append(sum(watch.total() for watch in watches.values()) / seconds["call"][-1])
     calls = {f"{kind}_calls": len(watch.spans) for kind, watch in watches.items()}
-    return {f"{kind}_s": statistics.median(s) for kind, s in seconds.items()} | calls
+    return (
+        {f"{kind}_s": statistics.median(s) for kind, s in seconds.items()}
+        | calls
+        | dict(share=statistics.median(shares))
+    )
 
 
 def compiled_graphs() -> int:
@@ -310,11 +317,16 @@ def graph_breaks() -> int:
     return sum(counters["graph_break"].values())
 
 
+#: Warm-up calls of a compiled configuration that may compile new graphs before it counts as failed.
+COMPILE_CALLS = 3
+
+
 def bench_compiled(
     model: nn.Module, inputs: dict[str, Any], config: Config, device: torch.device, rounds: int
 ) -> dict[str, Any]:
-    """Compile warm-up time, output, peak memory and timed rounds of ``torch.compile(model)`` with ``config``'s
-    method applied once; raises if a call after the first compiles again."""
+    """Compile warm-up, output, peak memory and timed rounds of ``torch.compile(model)`` with ``config``'s method
+    applied once. Warm-up calls run until one compiles nothing new; ``compile_s`` is the time of those that did
+    (``compile_calls``, at most :data:`COMPILE_CALLS`, else it raises). Raises if a later call compiles again."""
     torch._dynamo.reset()
     target = denoiser_target(config.name, model, inputs, device, call=torch.compile(model, dynamic=False))
 
@@ -322,14 +334,27 @@ def bench_compiled(
         graphs = compiled_graphs()
         out = target.run()
         if compiled_graphs() != graphs:
-            raise RuntimeError(f"recompiled on a repeated call ({compiled_graphs() - graphs} new graphs)")
+            raise RuntimeError(f"recompiled on a timed call ({compiled_graphs() - graphs} new graphs)")
         return out
 
     graphs, breaks = compiled_graphs(), graph_breaks()
     try:
         with patched(model, config):
-            compile_s = time_call(target.run, device)
-            result = dict(compile_s=compile_s, graphs=compiled_graphs() - graphs, graph_breaks=graph_breaks() - breaks)
+            compile_s, calls = 0.0, 0
+            while True:
+                before = compiled_graphs()
+                seconds = time_call(target.run, device)
+                if compiled_graphs() == before:
+                    break
+                compile_s, calls = compile_s + seconds, calls + 1
+                if calls == COMPILE_CALLS:
+                    raise RuntimeError(f"still compiling new graphs after {COMPILE_CALLS} calls")
+            result = dict(
+                compile_s=compile_s,
+                compile_calls=calls,
+                graphs=compiled_graphs() - graphs,
+                graph_breaks=graph_breaks() - breaks,
+            )
             result["output"] = checked().float().cpu()
             result["memory"] = peak_memory(checked, device)
             result["times"] = [time_call(checked, device) for _ in range(rounds)]
@@ -424,9 +449,8 @@ def assemble(
             row["compile_s"] = round(row["compile_s"], 2)
         overhead = row.get("overhead")
         if overhead is not None:
-            total = overhead["plan_s"] + overhead["merge_s"] + overhead["unmerge_s"]
             row["overhead"] = {k: round(v, 6) if isinstance(v, float) else v for k, v in overhead.items()}
-            row["overhead_share"] = round(total / statistics.median(times[config.name]), 4)
+            row["overhead_share"] = round(overhead["share"], 4)
         rows.append(row)
     return rows
 
