@@ -157,7 +157,7 @@ class Observe(Method):
                 row[f"{kind}_drift"] = {
                     s: _mean(st.jaccard_distance(old[kind], sets[kind])) for s, old in history.items()
                 }
-        history[step] = {k: st.compact(sets[k], h * w) for k in DRIFT if k in sets}
+        history[step] = {k: st.compact(sets[k], h * w if k == "pairs" else 1) for k in DRIFT if k in sets}
         row.update(self._against_level(sets, block, generation, step))
         cache.update(step=step, sets=sets, dest=dest, weights=st.toma_weights(x, tiles, dest, self.tau))
         self.recorder.rows.append(row)
