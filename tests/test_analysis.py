@@ -109,7 +109,17 @@ def test_observation_does_not_change_the_output(pipe) -> None:
 def test_analyze_shapes_and_usable_schedules() -> None:
     pipe = tiny_pipeline("tiny-sd15")
     pipe.set_progress_bar_config(disable=True)
-    stats = analyze(pipe, ["a red cube", "a cat"], seeds=[0], steps=3, height=32, width=32)
+    calls = []
+
+    def call(pipe, prompt: str, seed: int, steps: int) -> None:  # a pipeline with its own call signature
+        calls.append((prompt, seed))
+        generate(pipe, prompt, steps, seed, height=32, width=32)
+
+    stats = analyze(pipe, ["a red cube", "a cat"], seeds=[0], steps=3, call=call)
+    assert calls == [("a red cube", 0), ("a cat", 0)] and [r["prompt"] for r in stats["runs_info"]] == [
+        "a red cube",
+        "a cat",
+    ]
     assert not hasattr(pipe.unet, "_tokenmerge") and stats["runs"] == 2 and stats["num_steps"] == 3
     blocks = stats["blocks"]
     assert [b["group"] for b in blocks] == ["down1", "down2", "mid4", "up2", "up2", "up1", "up1"]

@@ -57,7 +57,8 @@ def analyze(
     statistics, with the runs listed under ``runs_info``.
 
     Each generation is ``call(pipe, prompt, seed, steps, **call_kwargs)`` in inference mode (default
-    :func:`diffusers_call`; pass another for pipelines with a different call). The pipeline is left unpatched.
+    :func:`diffusers_call`; pass another for pipelines with a different call). The pipeline is left unpatched (a
+    method applied before is removed).
     """
     from tqdm.auto import tqdm
 
@@ -81,7 +82,7 @@ def analyze(
 
 def derive(
     stats: dict[str, Any], tolerance: float = 0.2, reference_schedule: str | int | list[int] = "config3"
-) -> dict:
+) -> dict[str, Any]:
     """Schedules for ``tolerance`` and the drift that they and the references allow on the observed runs.
 
     ``catome``: :func:`catome_schedule` on the finest level (CA-ToMe's placement), against ``reference_schedule``
