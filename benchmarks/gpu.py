@@ -10,8 +10,8 @@ and ToDo at SDXL's 64x64-token level (``max_downsample=2``; their default, 1, do
 default blocks. ``--tiny``: tiny-sdxl (16x16 latent) and tiny-flux (16x16 grid, 8 text tokens, every block merged:
 it has only two of each kind) in fp32 on any device, as a smoke test.
 
-Timing: every timed call is one full denoiser forward at a fixed timestep with ``tm.reset`` before it (plans from
-scratch: the worst case for the methods' overhead), timed by CUDA events on a GPU, ``time.perf_counter`` on the CPU
+Timing: every timed call is one full denoiser forward at a fixed timestep with ``tm.set_step(model, 0)`` before it
+(plans from scratch: the worst case for the methods' overhead; no timestep read, so no sync in compiled calls), timed by CUDA events on a GPU, ``time.perf_counter`` on the CPU
 (``tokenmerge.harness.bench.time_call``). Eager configurations run interleaved (each round runs every one once, in
 turn, patch applied before and removed after the call, outside the timed region), median over rounds. Compiled
 configurations cannot be interleaved that way: every ``tm.apply`` installs new hooks, on which dynamo guards, so each

@@ -173,7 +173,7 @@ def test_merged_block_matches_explicit_math(pipe) -> None:
     handle.remove()
     tm.remove(unet)
     block, x, enc = site.block, captured["x"], captured["kwargs"]["encoder_hidden_states"]
-    plan = method.plan(x, captured["hw"], {}, 0)
+    plan = method.plan(x, captured["hw"], {}, method.phase(0, None))
     with torch.no_grad():
         h = x + plan.unmerge(block.attn1(plan.merge(block.norm1(x))))
         h = h + plan.unmerge(block.attn2(plan.merge(block.norm2(h)), encoder_hidden_states=enc))

@@ -10,7 +10,7 @@ from tokenmerge.methods.catome import CAToMe
 from tokenmerge.methods.todo import ToDo
 from tokenmerge.methods.toma import ToMA
 from tokenmerge.methods.tomesd import ToMeSD
-from tokenmerge.patch import apply, remove, reset
+from tokenmerge.patch import apply, remove, reset, set_step
 
-__all__ = ["CAToMe", "Method", "ToDo", "ToMA", "ToMeSD", "apply", "remove", "reset"]
+__all__ = ["CAToMe", "Method", "ToDo", "ToMA", "ToMeSD", "apply", "remove", "reset", "set_step"]
 __version__ = "0.1.0"

@@ -36,13 +36,14 @@ ADAPTERS: dict[str, type[Adapter]] = {
 
 
 def find_denoiser(obj: Any) -> nn.Module:
-    """The denoiser of a diffusers pipeline (``unet`` or ``transformer``), or ``obj`` itself if it is a module."""
+    """The denoiser of a diffusers pipeline (``unet`` or ``transformer``), or ``obj`` itself if it is a module; the
+    module inside a ``torch.compile`` wrapper."""
     if isinstance(obj, nn.Module):
-        return obj
+        return getattr(obj, "_orig_mod", obj)  # torch.compile's wrapper: the module it compiles
     for name in ("unet", "transformer"):
         module = getattr(obj, name, None)
         if isinstance(module, nn.Module):
-            return module
+            return getattr(module, "_orig_mod", module)
     raise ValueError(f"{type(obj).__name__} is neither a torch module nor a pipeline with a unet or transformer")
 
 
@@ -64,31 +65,74 @@ class MergeState:
         self.sites = adapter.select(sites, method.blocks)  # DiTs: block index ranges per kind
         self.handles: list[RemovableHandle] = []
         self.num_steps: int | None = None  # steps of the scheduler's last set_timesteps (None for bare denoisers)
+        self.step_of_index: list[int] = []  # step of each index into the scheduler's timesteps
         self.reset_state()
 
     def reset_state(self) -> None:
         """Forget the step count and every cached plan: the next call starts a new generation."""
         self.new_generation = True
+        self.driven = False  # steps set by the scheduler's step() or set_step(), not read from timesteps
         self.key: tuple[int, ...] | None = None
         self.timestep = 0.0
-        self.step = 0
-        self.active = False
+        self.run_steps: int | None = None
+        self.first_index = 0
+        self.index = 0
+        self.set_step(0)
         self.caches: dict[str, dict[str, Any]] = {}
         self.plans: dict[int, Plan | None] = {}
         self.merging: dict[tuple[int, str], Plan] = {}  # (site, role) -> plan, while that role runs merged
 
-    def begin_call(self, key: tuple[int, ...], timestep: float) -> None:
-        """Advance the step on a new timestep; start a new generation on a reset, a new input shape (batch size
-        or resolution) or a rising timestep. Repeated calls at one timestep (separate guidance passes) share a step."""
-        if self.new_generation or key != self.key or timestep > self.timestep:
-            self.caches.clear()
-            self.caches[""] = {"num_steps": self.steps_to_run()}  # shared by every cache of this generation
-            self.step = 0
-            self.new_generation = False
-        elif timestep != self.timestep:
-            self.step += 1
-        self.key, self.timestep = key, timestep
-        self.active = self.method.active(self.step)
+    def set_step(self, step: int) -> None:
+        """Enter denoising ``step``: whether merging is active, the method's phase; nothing cached is fresh."""
+        self.step = step
+        self.active = self.method.active(step)
+        self.phase = self.method.phase(step, self.run_steps)
+        for cache in getattr(self, "caches", {}).values():
+            cache.pop("fresh", None)
+
+    def start_generation(self, key: tuple[int, ...]) -> None:
+        """Empty the caches for a new generation (or a new input shape) of ``key``-shaped calls."""
+        self.caches.clear()
+        self.run_steps = self.steps_to_run()
+        self.caches[""] = {"num_steps": self.run_steps}  # shared by every cache of this generation
+        self.key, self.new_generation = key, False
+        self.adapter.start_generation()
+        begin = getattr(self.scheduler, "begin_index", None)
+        self.first_index = self.index = begin if isinstance(begin, int) else 0
+
+    def begin_call(self, key: tuple[int, ...], timestep: Any) -> None:
+        """Track the step of a denoiser call of input shape ``key`` at ``timestep``.
+
+        Driven (a pipeline's scheduler between ``set_timesteps`` and its last ``step``, or :func:`set_step`): the
+        step is already set and the timestep is never read (no device sync: compiled models see only Python
+        constants); a new input shape empties the caches. Otherwise the step advances on a new timestep value, and a
+        reset, a new input shape (batch size or resolution) or a rising timestep start a new generation; repeated
+        calls at one timestep (separate guidance passes) share a step.
+        """
+        if self.driven:
+            if self.new_generation or key != self.key:
+                self.start_generation(key)
+                self.set_step(self.step)
+            return
+        t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        if self.new_generation or key != self.key or t > self.timestep:
+            self.start_generation(key)
+            self.set_step(0)
+        elif t != self.timestep:
+            self.set_step(self.step + 1)
+        self.timestep = t
+
+    def after_scheduler_step(self) -> None:
+        """The scheduler took a step: the next calls belong to the step of its next timestep (its ``step_index``,
+        or one more than before for schedulers without one); past its last timestep the run is over."""
+        if not self.driven:
+            return
+        index = getattr(self.scheduler, "step_index", None)
+        self.index = index if isinstance(index, int) else self.index + 1
+        if self.index >= len(self.step_of_index):
+            self.driven, self.new_generation = False, True
+        else:
+            self.set_step(self.step_of_index[self.index] - self.step_of_index[self.first_index])
 
     def steps_to_run(self) -> int | None:
         """Denoising steps of the generation starting now: the scheduler's step count less those an img2img
@@ -124,29 +168,53 @@ class MergeState:
             for role in self.method.roles & (site.kwarg_maps.keys() | site.output_maps.keys()):
                 self.handles += self._map_hooks(site, role)
         if self.scheduler is not None and hasattr(self.scheduler, "set_timesteps"):
-            original = self.scheduler.set_timesteps
+            self._wrap_scheduler()
 
-            @functools.wraps(original)
-            def set_timesteps(*args: Any, **kwargs: Any) -> Any:
-                self.new_generation = True
-                result = original(*args, **kwargs)
-                timesteps = getattr(self.scheduler, "timesteps", None)
-                self.num_steps = len(torch.unique_consecutive(timesteps)) if timesteps is not None else None
+    def _wrap_scheduler(self) -> None:
+        """Wrap the scheduler's ``set_timesteps`` (a new generation: its step count and the step of every timestep
+        index) and ``step`` (the next step), as instance attributes that ``uninstall`` deletes."""
+        scheduler = self.scheduler
+        set_timesteps, step = scheduler.set_timesteps, getattr(scheduler, "step", None)
+
+        @functools.wraps(set_timesteps)
+        def wrapped_set_timesteps(*args: Any, **kwargs: Any) -> Any:
+            result = set_timesteps(*args, **kwargs)
+            timesteps = getattr(scheduler, "timesteps", None)
+            if isinstance(timesteps, torch.Tensor) and timesteps.numel():
+                new = torch.ones(timesteps.numel(), dtype=torch.long)
+                new[1:] = (timesteps[1:] != timesteps[:-1]).cpu()
+                self.step_of_index = (new.cumsum(0) - 1).tolist()  # repeated timesteps (Heun) share a step
+                self.num_steps = self.step_of_index[-1] + 1
+            else:
+                self.step_of_index, self.num_steps = [], None
+            self.new_generation, self.driven = True, bool(self.step_of_index) and callable(step)
+            self.set_step(0)
+            return result
+
+        wrapped_set_timesteps.__tokenmerge__ = True
+        scheduler.set_timesteps = wrapped_set_timesteps
+        if callable(step):
+
+            @functools.wraps(step)
+            def wrapped_step(*args: Any, **kwargs: Any) -> Any:
+                result = step(*args, **kwargs)
+                self.after_scheduler_step()
                 return result
 
-            set_timesteps.__tokenmerge__ = True
-            self.scheduler.set_timesteps = set_timesteps
+            wrapped_step.__tokenmerge__ = True
+            scheduler.step = wrapped_step
 
     def uninstall(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        if self.scheduler is not None and getattr(vars(self.scheduler).get("set_timesteps"), "__tokenmerge__", False):
-            del self.scheduler.set_timesteps
+        for name in ("set_timesteps", "step"):
+            if self.scheduler is not None and getattr(vars(self.scheduler).get(name), "__tokenmerge__", False):
+                delattr(self.scheduler, name)
         self.reset_state()
 
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.begin_call(*self.adapter.call_key(args, kwargs))
+        self.begin_call(*self.adapter.call_inputs(args, kwargs))
 
     def _plan_hook(self, site: Site):
         def plan(block: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -156,7 +224,7 @@ class MergeState:
             cache = self.caches.setdefault(site.name if self.method.cache_scope == "block" else site.group, {})
             # one dict shared by every site for the whole generation (e.g. a random generator, the step count)
             cache.setdefault("generation", self.caches[""])
-            self.plans[id(site)] = self.method.plan(x, hw, cache, self.step) if ok else None
+            self.plans[id(site)] = self.method.plan(x, hw, cache, self.phase) if ok else None
 
         return plan
 
@@ -323,6 +391,20 @@ def remove(obj: Any) -> Any:
         state.uninstall()
         delattr(model, _ATTR)
     return obj
+
+
+def set_step(obj: Any, step: int) -> None:
+    """Drive the step yourself: the denoiser calls that follow belong to denoising ``step`` (0 starts a new
+    generation) until the next ``set_step`` or :func:`reset`. No timestep is read from the device, so a compiled
+    denoiser in a custom loop sees Python constants only. Pipelines do this by themselves (through their scheduler)."""
+    if int(step) != step or step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    state = vars(find_denoiser(obj)).get(_ATTR)
+    if state is not None:
+        state.driven = True
+        if step == 0:
+            state.new_generation = True
+        state.set_step(int(step))
 
 
 def reset(obj: Any) -> None:

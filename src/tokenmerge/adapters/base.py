@@ -110,6 +110,10 @@ class Adapter(ABC):
     def install_grid_hooks(self, sites: list[Site]) -> list[RemovableHandle]:
         """Hooks that fill each site's :class:`GridSlot` before its blocks run."""
 
+    def start_generation(self) -> None:  # noqa: B027 (optional hook: most adapters keep nothing per generation)
+        """Forget what the adapter read for the previous generation (called at every new generation or shape)."""
+
     @abstractmethod
-    def call_key(self, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], float]:
-        """``(input shape, timestep)`` of a denoiser call, from its forward arguments."""
+    def call_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], Any]:
+        """``(input shape, timestep)`` of a denoiser call, from its forward arguments; the timestep as given (a
+        tensor or a number), so that nothing is read from the device unless the caller needs its value."""

@@ -65,11 +65,11 @@ class _PatchGridAdapter(Adapter):
 
         return [self.model.register_forward_pre_hook(record, with_kwargs=True)]
 
-    def call_key(self, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], float]:
+    def call_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], Any]:
         x, t = _arg(args, kwargs, "hidden_states", 0), _arg(args, kwargs, "timestep", self.timestep_index)
         if not isinstance(x, torch.Tensor) or t is None:
             raise ValueError(f"{type(self.model).__name__} call without hidden_states or timestep")
-        return tuple(x.shape), _scalar(t)
+        return tuple(x.shape), t
 
 
 class SD3Adapter(_PatchGridAdapter):
@@ -101,7 +101,3 @@ class PixArtAdapter(_PatchGridAdapter):
 
 def _arg(args: tuple, kwargs: dict, name: str, index: int) -> Any:
     return kwargs[name] if name in kwargs else (args[index] if len(args) > index else None)
-
-
-def _scalar(t: torch.Tensor | float | int) -> float:
-    return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)

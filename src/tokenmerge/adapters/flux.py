@@ -36,6 +36,7 @@ class RotarySlot(GridSlot):
     def __init__(self) -> None:
         super().__init__()
         self.freqs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.current = False  # hw was read from this generation's img_ids
         self._memo: dict[str, tuple[Any, Any, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def image_freqs(self, plan: Any, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +168,10 @@ class FluxAdapter(Adapter):
         def record_grid(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x, ids = _arg(args, kwargs, "hidden_states", 0), _arg(args, kwargs, "img_ids", 4)
             ok = isinstance(x, torch.Tensor) and x.ndim == 3 and isinstance(ids, torch.Tensor)
-            slot.hw = grid_from_ids(ids, x.shape[1]) if ok else None
+            if not ok:
+                slot.hw = None
+            elif not slot.current or not torch.compiler.is_compiling():  # compiled: once per generation
+                slot.hw, slot.current = _eager_grid(ids, x.shape[1]), True
             slot.freqs = None
 
         def record_freqs(module: nn.Module, args: tuple, output: Any) -> None:
@@ -179,11 +183,22 @@ class FluxAdapter(Adapter):
             self.model.pos_embed.register_forward_hook(record_freqs),
         ]
 
-    def call_key(self, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], float]:
+    def start_generation(self) -> None:
+        self.slot.current = False
+
+    def call_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], Any]:
         x, t = _arg(args, kwargs, "hidden_states", 0), _arg(args, kwargs, "timestep", 3)
         if not isinstance(x, torch.Tensor) or t is None:
             raise ValueError("FluxTransformer2DModel call without hidden_states or timestep")
-        return tuple(x.shape), _scalar(t)
+        return tuple(x.shape), t
+
+
+@torch.compiler.disable
+def _eager_grid(ids: torch.Tensor, n: int) -> tuple[int, int] | None:
+    """:func:`grid_from_ids`, always eager: it reads the ids' values, which a compiled graph cannot branch on. A
+    compiled denoiser reads them at the first call of a generation only (a graph break there, none later; within a
+    generation the ids stay the same), an eager one at every call."""
+    return grid_from_ids(ids, n)
 
 
 def _attention_kwargs(slot: RotarySlot):
@@ -237,7 +252,3 @@ def _checked(maps: list[tuple[Any, Any]]) -> list[tuple[nn.Module, Any]]:
 
 def _arg(args: tuple, kwargs: dict, name: str, index: int) -> Any:
     return kwargs[name] if name in kwargs else (args[index] if len(args) > index else None)
-
-
-def _scalar(t: torch.Tensor | float | int) -> float:
-    return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -52,11 +54,6 @@ class UNetAdapter(Adapter):
             handles.append(self._owners[id(slot)].register_forward_pre_hook(record, with_kwargs=True))
         return handles
 
-    def call_key(self, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], float]:
+    def call_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], Any]:
         sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        return tuple(sample.shape), _scalar(timestep)
-
-
-def _scalar(t: torch.Tensor | float | int) -> float:
-    return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
+        return tuple(sample.shape), args[1] if len(args) > 1 else kwargs["timestep"]

@@ -52,7 +52,7 @@ def denoiser_target(
 
     def run() -> torch.Tensor:
         if hasattr(model, "_tokenmerge"):
-            tm.reset(model)
+            tm.set_step(model, 0)  # a new generation, without reading the timestep (compiled calls: no sync)
         with torch.inference_mode():
             return call(**inputs, return_dict=False)[0]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Hashable, Mapping
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -70,9 +70,24 @@ class Method(ABC):
     def active(self, step: int) -> bool:
         return self.steps is None or step in self.steps
 
+    def phase(self, step: int, num_steps: int | None) -> Hashable:
+        """What a plan at 0-based ``step`` of a ``num_steps`` generation depends on, handed to :meth:`plan`.
+
+        A compiled model specialises on it (one graph per distinct value), so methods keep few values: ToMA whether
+        destinations / weights are due, CA-ToMe whether the step is a checkpoint, ``None`` for methods that do not
+        depend on the step. Default: the step itself.
+        """
+        return step
+
     @abstractmethod
-    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: dict[str, Any], step: int) -> Plan | KVPlan | None:
-        """Plan the merge of block tokens ``x`` ``(B, H*W, C)`` on an ``H x W`` grid at denoising ``step``."""
+    def plan(
+        self, x: torch.Tensor, grid: tuple[int, int], cache: dict[str, Any], phase: Hashable
+    ) -> Plan | KVPlan | None:
+        """Plan the merge of block tokens ``x`` ``(B, H*W, C)`` on an ``H x W`` grid in the current step's ``phase``.
+
+        ``cache["fresh"]`` is removed at every new step: a method that computed a plan for the rest of a step (the
+        first block of a reuse group) marks it there.
+        """
 
 
 def flag_roles(merge_attn: bool, merge_crossattn: bool, merge_mlp: bool) -> frozenset[str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,9 +126,13 @@ class CAToMe(Method):
         points = self.checkpoints(num_steps)
         return step % self.schedule == 0 if points is None else step in points
 
-    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: dict[str, Any], step: int) -> SlotMerge | None:
+    def phase(self, step: int, num_steps: int | None) -> bool:
+        """Whether ``step`` is a checkpoint (pairs recomputed)."""
+        return self.is_checkpoint(step, num_steps)
+
+    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: dict[str, Any], phase: Hashable) -> SlotMerge | None:
         key = (x.shape[0], *grid, x.device, x.dtype)
-        if cache.get("key") == key and not self.is_checkpoint(step, cache["generation"]["num_steps"]):
+        if cache.get("key") == key and not phase:
             return cache["plan"]
         cache.update(key=key, plan=self._match(x, grid, cache))
         return cache["plan"]

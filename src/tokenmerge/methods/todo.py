@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,5 +69,8 @@ class ToDo(Method):
     def is_identity(self) -> bool:
         return self.factor == 1
 
-    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: dict[str, Any], step: int) -> DownsampledKV:
+    def phase(self, step: int, num_steps: int | None) -> None:
+        return None  # plans do not depend on the step
+
+    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: dict[str, Any], phase: Hashable) -> DownsampledKV:
         return DownsampledKV(grid, int(self.factor))

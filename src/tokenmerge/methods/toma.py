@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,19 +68,27 @@ class ToMA(Method):
     def is_identity(self) -> bool:
         return self.ratio == 0.0
 
-    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: dict[str, Any], step: int) -> TileMerge | None:
-        tiles = TileGrid(*grid, *self.tile)
+    def phase(self, step: int, num_steps: int | None) -> tuple[bool, bool]:
+        """``(destinations due, weights due)`` at ``step``: weights every ``weight_every`` steps; destinations with
+        the first weights at least ``dest_every`` steps after the last destinations (from step 0)."""
+        weights_due = step % self.weight_every == 0
+        last_dest = 0
+        for s in range(self.weight_every, step + 1, self.weight_every):
+            if s - last_dest >= self.dest_every:
+                last_dest = s
+        return weights_due and last_dest == step, weights_due
+
+    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: dict[str, Any], phase: Hashable) -> TileMerge:
+        """The group's merge: computed by its first block in a step where weights are due (with new destinations if
+        those are due too) or when nothing is cached for this batch size, grid, device and dtype; else reused."""
+        dest_due, weights_due = phase
         key = (x.shape[0], *grid, x.device, x.dtype)
         if cache.get("key") != key:
-            cache.clear()
+            for name in ("merge", "dest", "fresh"):
+                cache.pop(name, None)
             cache["key"] = key
-        merge = cache.get("merge")
-        if merge is None or step - cache["merge_step"] >= self.weight_every:
-            dest = cache.get("dest")
-            if dest is not None and step - cache["dest_step"] >= self.dest_every:
-                dest = None
-            merge, new_dest = toma_merge(x, tiles, self.ratio, self.tau, dest)
-            if dest is None:
-                cache.update(dest=new_dest, dest_step=step)
-            cache.update(merge=merge, merge_step=step)
-        return merge
+        if "merge" not in cache or (weights_due and "fresh" not in cache):
+            dest = None if dest_due else cache.get("dest")
+            cache["merge"], cache["dest"] = toma_merge(x, TileGrid(*grid, *self.tile), self.ratio, self.tau, dest)
+            cache["fresh"] = True
+        return cache["merge"]

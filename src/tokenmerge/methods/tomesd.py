@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +86,10 @@ class ToMeSD(Method):
     def is_identity(self) -> bool:
         return self.ratio == 0.0
 
-    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: dict[str, Any], step: int) -> SlotMerge | None:
+    def phase(self, step: int, num_steps: int | None) -> None:
+        return None  # plans do not depend on the step
+
+    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: dict[str, Any], phase: Hashable) -> SlotMerge | None:
         h, w = grid
         r = int(h * w * self.ratio)
         if r <= 0 or h < self.sy or w < self.sx:

@@ -7,14 +7,13 @@ dense ``(B, T, s, C)`` tensor (``T`` tiles of ``s`` tokens) without padding, mas
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 
-@dataclass(frozen=True)
-class Region:
+class Region(NamedTuple):
     """Rows ``[row, row + rows)`` x cols ``[col, col + cols)`` of the grid, cut into ``tile_h x tile_w`` tiles."""
 
     row: int
@@ -33,7 +32,7 @@ class Region:
         return (self.rows // self.tile_h) * (self.cols // self.tile_w)
 
 
-@dataclass(frozen=True)
+@dataclass
 class TileGrid:
     """Tiling of a row-major ``height x width`` token grid by ``tile_h x tile_w`` tiles (edges may be smaller)."""
 
@@ -41,19 +40,14 @@ class TileGrid:
     width: int
     tile_h: int
     tile_w: int
+    #: The non-empty regions (main block, right strip, bottom strip, corner), computed once.
+    regions: tuple[Region, ...] = field(init=False, repr=False, compare=False)  # read-only after __init__
 
     def __post_init__(self) -> None:
         if min(self.height, self.width) < 1:
             raise ValueError(f"token grid must be non-empty, got {self.height}x{self.width}")
         if min(self.tile_h, self.tile_w) < 1:
             raise ValueError(f"tile must be at least 1x1, got {self.tile_h}x{self.tile_w}")
-
-    @property
-    def num_tokens(self) -> int:
-        return self.height * self.width
-
-    @cached_property
-    def regions(self) -> tuple[Region, ...]:
         th, tw = min(self.tile_h, self.height), min(self.tile_w, self.width)
         main_h, main_w = self.height - self.height % th, self.width - self.width % tw
         rest_h, rest_w = self.height - main_h, self.width - main_w
@@ -63,7 +57,11 @@ class TileGrid:
             Region(main_h, 0, rest_h, main_w, rest_h, tw),
             Region(main_h, main_w, rest_h, rest_w, rest_h, rest_w),
         )
-        return tuple(r for r in candidates if r.rows and r.cols)
+        self.regions = tuple(r for r in candidates if r.rows and r.cols)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.height * self.width
 
     def fold(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``(B, H*W, C)`` -> one ``(B, T_r, s_r, C)`` tensor per region (tokens of a tile are row-major)."""

@@ -93,8 +93,9 @@ this to False, forces the torch path)."""
 
 
 def use_triton(x: torch.Tensor) -> bool:
-    """Whether :func:`toma_merge` builds the merge of ``x`` with the Triton kernels (``ops/triton_toma.py``)."""
-    return USE_TRITON and x.is_cuda
+    """Whether :func:`toma_merge` builds the merge of ``x`` with the Triton kernels (``ops/triton_toma.py``); not
+    while ``torch.compile`` traces, where inductor fuses the torch path itself."""
+    return USE_TRITON and x.is_cuda and not torch.compiler.is_compiling()
 
 
 def toma_merge(
