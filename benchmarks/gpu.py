@@ -11,17 +11,17 @@ default blocks. ``--tiny``: tiny-sdxl (16x16 latent) and tiny-flux (16x16 grid, 
 it has only two of each kind) in fp32 on any device, as a smoke test.
 
 Timing: every timed call is one full denoiser forward at a fixed timestep with ``tm.set_step(model, 0)`` before it
-(plans from scratch: the worst case for the methods' overhead; no timestep read, so no sync in compiled calls), timed by CUDA events on a GPU, ``time.perf_counter`` on the CPU
-(``tokenmerge.harness.bench.time_call``). Eager configurations run interleaved (each round runs every one once, in
-turn, patch applied before and removed after the call, outside the timed region), median over rounds. Compiled
-configurations cannot be interleaved that way: every ``tm.apply`` installs new hooks, on which dynamo guards, so each
-re-application would recompile. Each compiled configuration is therefore timed in its own block after the eager
-rounds: dynamo reset, patch applied once, warm-up calls until one compiles nothing new (``compile_s``: the time of
-those that compiled, at most 3), then an output call and the rounds, none of which may compile again. A configuration
-that raises (a compile failure, dynamo's recompile limit -- made an error here instead of a silent fall back to eager
---, a recompile during a timed call, out of memory) is recorded with its error and the run goes on. Peak memory:
-growth of ``torch.cuda.max_memory_allocated`` in one untimed call (on the CPU: sampled RSS growth),
-``tokenmerge.harness.bench.peak_memory``.
+(plans from scratch: the worst case for the methods' overhead; no timestep read, so no sync in compiled calls), timed
+by CUDA events on a GPU, ``time.perf_counter`` on the CPU (``tokenmerge.harness.bench.time_call``). Eager
+configurations run interleaved (each round runs every one once, in turn, patch applied before and removed after the
+call, outside the timed region), median over rounds. Compiled configurations cannot be interleaved that way: every
+``tm.apply`` installs new hooks, on which dynamo guards, so each re-application would recompile. Each compiled
+configuration is therefore timed in its own block after the eager rounds: dynamo reset, patch applied once, warm-up
+calls until one compiles nothing new (``compile_s``: the time of those that compiled, at most 3), then an output call
+and the rounds, none of which may compile again. A configuration that raises (a compile failure, dynamo's recompile
+limit -- made an error here instead of a silent fall back to eager --, a recompile during a timed call, out of memory)
+is recorded with its error and the run goes on. Peak memory: growth of ``torch.cuda.max_memory_allocated`` in one
+untimed call (on the CPU: sampled RSS growth), ``tokenmerge.harness.bench.peak_memory``.
 
 Merge overhead (ToMA and ToMeSD): R more calls of the patched model in which every call of the method's ``plan`` and of
 the returned plans' ``merge`` and ``unmerge`` is timed where it runs (instance attributes on the method and the plans
