@@ -1,5 +1,6 @@
-"""The ``tokenmerge`` command line: ``bench``, ``eval``, ``analyze`` and ``list``.
+"""The ``tokenmerge`` command line: ``demo``, ``bench``, ``eval``, ``analyze`` and ``list``.
 
+    tokenmerge demo --out results/demo   # every method on the packaged reference models: grid, speed, fidelity
     tokenmerge bench --arch sd15 --method toma:ratio=0.5 --method tomesd:ratio=0.5 --out results/bench
     tokenmerge eval --model path/to/pipeline --method toma:ratio=0.5 --prompts general --dino path/to/dinov2 \\
         --out results/eval
@@ -31,6 +32,7 @@ from tokenmerge.harness.registry import (
     methods,
     parse_method,
 )
+from tokenmerge.reference import demo as demo_command
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="methods and their options, architectures, prompt sets")
     analyze_command.add_parser(sub)
+    demo_command.add_parser(sub)
     return parser
 
 
@@ -278,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         commands = {"bench": cmd_bench, "eval": cmd_eval, "list": cmd_list, "analyze": analyze_command.run}
+        commands["demo"] = demo_command.run
         return commands[args.command](args)
     except HarnessError as exc:
         print(f"tokenmerge: error: {exc}", file=sys.stderr)

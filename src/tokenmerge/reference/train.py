@@ -1,0 +1,216 @@
+"""Deterministic training of the reference models on the procedural scenes (:mod:`tokenmerge.reference.data`).
+
+    python -m tokenmerge.reference.train --model unet --out DIR --steps 600 --batch 24
+    python -m tokenmerge.reference.train --model flux --out DIR --steps 900 --batch 32
+
+Fixed seeds and data order: step ``s`` reads batch ``s`` of the dataset, and the noise, timesteps and condition
+dropout come from one generator seeded once; with the same thread count a run is bit-reproducible.
+
+- ``unet``: v-prediction on the cosine schedule (``x_t = sqrt(a) x0 + sqrt(1-a) e``, target ``sqrt(a) e -
+  sqrt(1-a) x0``), timesteps uniform in ``[0, 1000)``.
+- ``flux``: flow matching (``x_t = (1-t) x0 + t e``, target ``e - x0``), ``t`` logit-normal.
+
+Both: pixels in ``[-1, 1]``, MSE, AdamW with linear warm-up and cosine decay to 10%, the caption replaced by the null
+prompt with probability 0.1 (classifier-free guidance), and an exponential moving average of the weights, which is
+what is saved. Writes ``<model>.safetensors`` (fp16), ``<model>_train.json`` (the loss of every step),
+``<model>_loss.png`` and ``<model>_samples.png`` (dataset images above samples for the same captions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from tokenmerge.reference import models
+from tokenmerge.reference.data import make_batch, tokenize
+from tokenmerge.reference.pipeline import ReferencePipeline, denoise, load_pipeline, to_pil, unet_scheduler
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str
+    steps: int
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 20
+    ema: float = 0.995
+    cond_drop: float = 0.1
+    seed: int = 0
+    size: int = models.IMAGE_SIZE
+    overrides: dict[str, Any] = field(default_factory=dict)  # denoiser config changes (tests use tiny ones)
+
+
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from 1 to 0.1 at ``steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(steps - warmup, 1)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def diffusion_loss(
+    name: str,
+    denoiser: nn.Module,
+    text_encoder: nn.Module,
+    images: torch.Tensor,
+    prompts: list[str],
+    g: torch.Generator,
+    cond_drop: float = 0.0,
+) -> torch.Tensor:
+    """Mean squared error of the model's v (UNet) or flow (Flux) prediction on ``images`` in ``[0, 1]``."""
+    b = images.shape[0]
+    x0 = images * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    drop = torch.rand(b, generator=g) < cond_drop
+    text, pooled = text_encoder(tokenize(["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]))
+    if name == "unet":
+        t = torch.randint(0, 1000, (b,), generator=g)
+        timestep = t
+        a = unet_scheduler().alphas_cumprod[t].view(b, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0
+    else:
+        t = torch.sigmoid(torch.randn(b, generator=g))
+        timestep = 1000 * t
+        s = t.view(b, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        target = noise - x0
+    return (denoise(denoiser, xt, timestep, text, pooled) - target).pow(2).mean()
+
+
+@torch.no_grad()
+def validation_loss(name: str, denoiser: nn.Module, text_encoder: nn.Module, batch: int = 32, size: int = 32) -> float:
+    """The loss on a fixed held-out batch (dataset seed 1) with fixed noise and timesteps, in eval mode."""
+    images, prompts = make_batch(1, 0, batch, size)
+    modes = denoiser.training, text_encoder.training
+    denoiser.eval(), text_encoder.eval()
+    loss = diffusion_loss(name, denoiser, text_encoder, images, prompts, torch.Generator().manual_seed(1234))
+    denoiser.train(modes[0]), text_encoder.train(modes[1])
+    return float(loss)
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> tuple[nn.Module, nn.Module, list[float]]:
+    """Train from a seeded initialisation; returns the EMA denoiser and text encoder (eval mode) and the loss of
+    every step."""
+    denoiser, text_encoder = models.build(cfg.model, seed=cfg.seed, **cfg.overrides)
+    denoiser.train(), text_encoder.train()
+    params = [*denoiser.parameters(), *text_encoder.parameters()]
+    ema = [
+        copy.deepcopy(denoiser).eval().requires_grad_(False),
+        copy.deepcopy(text_encoder).eval().requires_grad_(False),
+    ]
+    ema_params = [*ema[0].parameters(), *ema[1].parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps, cfg.warmup))
+    g = torch.Generator().manual_seed(cfg.seed)
+    losses: list[float] = []
+    bar = tqdm(range(cfg.steps), desc=f"train {cfg.model}", disable=not progress)
+    for step in bar:
+        images, prompts = make_batch(cfg.seed, step, cfg.batch, cfg.size)
+        loss = diffusion_loss(cfg.model, denoiser, text_encoder, images, prompts, g, cfg.cond_drop)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(cfg.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+        losses.append(float(loss.detach()))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    return ema[0], ema[1], losses
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Mean of the last ``window`` values (fewer at the start) at every index."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_loss(path: Path, name: str, losses: list[float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(losses, color="tab:blue", alpha=0.3, lw=0.8, label="step")
+    ax.plot(moving_average(losses, 50), color="tab:blue", label="mean of 50")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("MSE loss")
+    ax.set_title(f"reference {name}: training loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def sample_grid(pipe: ReferencePipeline, count: int = 8, steps: int = 20, scale: int = 3) -> Any:
+    """Held-out dataset images (top row) above two samples per caption (seeds 0 and 1), enlarged ``scale`` times."""
+    from tokenmerge.harness.report import image_grid
+
+    images, prompts = make_batch(2, 0, count, pipe.size)
+    rows = [to_pil(images, scale)]
+    for seed in (0, 1):
+        rows.append(to_pil(pipe(prompts, [seed] * count, steps=steps), scale))
+    return image_grid(rows), prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tokenmerge.reference.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, choices=models.MODELS)
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.batch < 1:
+        parser.error("--steps and --batch must be >= 1")
+    cfg = TrainConfig(args.model, args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    denoiser, text_encoder, losses = train(cfg, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    info = dict(
+        train={k: v for k, v in asdict(cfg).items() if k != "overrides"},
+        wall_s=round(seconds, 1),
+        threads=torch.get_num_threads(),
+        machine=platform.processor() or platform.machine(),
+        torch=torch.__version__,
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        final_loss_mean50=sum(losses[-50:]) / len(losses[-50:]),
+        validation_loss=validation_loss(cfg.model, denoiser, text_encoder),
+    )
+    path = args.out / f"{cfg.model}.safetensors"
+    models.save(path, cfg.model, denoiser, text_encoder, info)
+    (args.out / f"{cfg.model}_train.json").write_text(json.dumps(dict(info, losses=losses), indent=1) + "\n")
+    plot_loss(args.out / f"{cfg.model}_loss.png", cfg.model, losses)
+    grid, prompts = sample_grid(load_pipeline(cfg.model, path))  # read back from fp16, as users get it
+    grid.save(args.out / f"{cfg.model}_samples.png")
+    (args.out / f"{cfg.model}_samples.txt").write_text("\n".join(prompts) + "\n")
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
