@@ -3,8 +3,8 @@
 Every scene is ``"<color> <shape> on <color> <background>"``, e.g. ``"red circle on blue gradient"``:
 
 - shape: circle, square (rotated), triangle (rotated) or ring, anti-aliased, shaded by a linear light ramp;
-- background: plain, gradient (to a darker shade along a random direction), stripes or checks (with a lighter or
-  darker shade of the background colour);
+- background: plain, or a gradient (along a random direction), stripes or checks between the background colour and a
+  lighter or darker shade of it;
 - lighting: the whole image times ``0.7 + 0.5 * exp(-|p - l|^2 / 0.18)`` for a random light position ``l``.
 
 A batch is a pure function of ``(seed, index, batch, size)``: training reads batch ``index`` at step ``index``, so the

@@ -1,7 +1,7 @@
 """Deterministic training of the reference models on the procedural scenes (:mod:`tokenmerge.reference.data`).
 
-    python -m tokenmerge.reference.train --model unet --out DIR --steps 600 --batch 24
-    python -m tokenmerge.reference.train --model flux --out DIR --steps 900 --batch 32
+    python -m tokenmerge.reference.train --model unet --out DIR --steps 2400 --batch 8   # the packaged weights
+    python -m tokenmerge.reference.train --model flux --out DIR --steps 900 --batch 24
 
 Fixed seeds and data order: step ``s`` reads batch ``s`` of the dataset, and the noise, timesteps and condition
 dropout come from one generator seeded once; with the same thread count a run is bit-reproducible.
