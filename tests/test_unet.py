@@ -8,7 +8,7 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPi
 from torch import nn
 
 import tokenmerge as tm
-from tokenmerge.archs import build_unet, unet_inputs
+from tokenmerge.archs import build_unet, tiny_pipeline, unet_inputs
 from tokenmerge.methods import toma as toma_module
 
 from .conftest import generate
@@ -281,3 +281,23 @@ def test_inpaint_and_controlnet_pipelines() -> None:
         assert torch.isfinite(merged).all() and not torch.equal(merged, reference)
         tm.remove(p)
         assert torch.equal(generate(p, **extra), reference)
+
+
+@pytest.mark.parametrize("scheduler", ["HeunDiscreteScheduler", "DDIMScheduler"])
+def test_steps_follow_the_scheduler(scheduler: str) -> None:
+    """Pipelines: the step of each denoiser call comes from the scheduler (Heun's repeated timesteps share a step;
+    schedulers without a step_index count their step() calls), set before the call; after the run's last step the
+    timestep is read again."""
+    import diffusers
+
+    pipe = tiny_pipeline("tiny-sd15")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    tm.apply(pipe, tm.ToMA(ratio=0.5))
+    state = pipe.unet._tokenmerge
+    seen: list[tuple[int, bool]] = []
+    pipe.unet.register_forward_hook(lambda m, a, o: seen.append((state.step, state.driven)))
+    generate(pipe, steps=4)
+    heun = scheduler.startswith("Heun")
+    assert [s for s, _ in seen] == ([0, 1, 1, 2, 2, 3, 3] if heun else [0, 1, 2, 3])
+    assert all(driven for _, driven in seen) and not state.driven and state.new_generation

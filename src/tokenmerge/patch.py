@@ -77,17 +77,17 @@ class MergeState:
         self.run_steps: int | None = None
         self.first_index = 0
         self.index = 0
-        self.set_step(0)
         self.caches: dict[str, dict[str, Any]] = {}
         self.plans: dict[int, Plan | None] = {}
         self.merging: dict[tuple[int, str], Plan] = {}  # (site, role) -> plan, while that role runs merged
+        self.set_step(0)
 
     def set_step(self, step: int) -> None:
         """Enter denoising ``step``: whether merging is active, the method's phase; nothing cached is fresh."""
         self.step = step
         self.active = self.method.active(step)
         self.phase = self.method.phase(step, self.run_steps)
-        for cache in getattr(self, "caches", {}).values():
+        for cache in self.caches.values():
             cache.pop("fresh", None)
 
     def start_generation(self, key: tuple[int, ...]) -> None:
