@@ -7,7 +7,7 @@ merge decisions are across steps and blocks, and derive recomputation schedules 
 """
 
 from tokenmerge.analysis.observe import Observe, Recorder, summarize
-from tokenmerge.analysis.run import analyze, derive, observer_for, write_report
+from tokenmerge.analysis.run import analyze, derive, observer_for, reference_call, write_report
 from tokenmerge.analysis.schedules import catome_schedule, toma_intervals
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "catome_schedule",
     "derive",
     "observer_for",
+    "reference_call",
     "summarize",
     "toma_intervals",
     "write_report",

@@ -10,18 +10,30 @@ import torch
 
 from tokenmerge.harness.registry import HarnessError
 
+#: ``--model`` names of the packaged reference pipelines (``tokenmerge.reference``) -> reference model.
+REFERENCE = {"reference-unet": "unet", "reference-flux": "flux"}
+
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
     """Add ``analyze`` to the ``tokenmerge`` subcommands."""
     p = sub.add_parser("analyze", help="token similarity and merge stability per block and step; derived schedules")
-    p.add_argument("--model", required=True, help="local pipeline folder or hub id, or a tiny-* built-in pipeline")
-    p.add_argument("--prompts", default="general", help="built-in set (general, imagenet) or a prompt file")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="local pipeline folder or hub id, a tiny-* built-in pipeline, or reference-unet / reference-flux "
+        "(the packaged trained reference models)",
+    )
+    p.add_argument(
+        "--prompts",
+        help="built-in set (general, imagenet) or a prompt file (default general; reference models: the demo's "
+        "captions, or a file of captions in their vocabulary)",
+    )
     p.add_argument("--num-prompts", type=int, default=4, help="use the first N prompts (default 4)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per prompt (default 0)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--height", type=int)
+    p.add_argument("--height", type=int, help="default: the pipeline's (reference models: 32, square only)")
     p.add_argument("--width", type=int)
-    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--guidance-scale", type=float, help="default: the pipeline's (reference models: 3)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9], help="similarity thresholds")
     p.add_argument("--pair-threshold", type=float, default=0.7, help="CA-ToMe threshold of the pair sets")
     p.add_argument("--ratio", type=float, default=0.5, help="ToMeSD pairs and ToMA destinations: removed fraction")
@@ -58,8 +70,37 @@ def load(name: str, dtype: torch.dtype, device: torch.device) -> Any:
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
+def load_reference(name: str, args: argparse.Namespace, device: torch.device) -> tuple[Any, list[str]]:
+    """The packaged reference pipeline ``REFERENCE[name]`` on ``device`` at the requested square size, and its
+    prompts: the first ``--num-prompts`` demo captions, or ``--prompts`` (a file) checked against its vocabulary."""
+    from tokenmerge.harness.prompts import BUILTIN, load_prompts
+    from tokenmerge.reference.data import tokenize
+    from tokenmerge.reference.demo import PROMPTS
+    from tokenmerge.reference.models import IMAGE_SIZE
+    from tokenmerge.reference.pipeline import load_pipeline
+
+    if args.dtype != "float32":
+        raise HarnessError(f"{name} runs in float32 only, got --dtype {args.dtype}")
+    size = args.height or args.width or IMAGE_SIZE
+    if (args.height or size) != (args.width or size) or size % 4:
+        raise HarnessError(f"{name} generates square images of a multiple of 4 pixels: give equal --height/--width")
+    if args.prompts in BUILTIN:
+        raise HarnessError(f"{name} knows only its captions, not the {args.prompts!r} set: pass a file or no --prompts")
+    prompts = (
+        list(PROMPTS[: args.num_prompts]) if args.prompts is None else load_prompts(args.prompts, args.num_prompts)
+    )
+    try:
+        tokenize(prompts)
+        pipe = load_pipeline(REFERENCE[name])
+    except ValueError as exc:
+        raise HarnessError(f"{name}: {exc}") from None
+    pipe.size = size
+    return pipe.to(device), prompts
+
+
 def run(args: argparse.Namespace) -> int:
-    from tokenmerge.analysis import Observe, analyze, derive, write_report
+    from tokenmerge.analysis import Observe, analyze, derive, reference_call, write_report
+    from tokenmerge.analysis.run import diffusers_call
     from tokenmerge.harness import models, report
     from tokenmerge.harness.prompts import load_prompts
     from tokenmerge.methods.catome import CAToMe
@@ -84,10 +125,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise HarnessError(str(exc)) from None
     report.check_output(args.out, args.overwrite)
-    prompts = load_prompts(args.prompts, args.num_prompts)
     device = models.resolve_device(args.device)
-    pipe = load(args.model, models.DTYPES[args.dtype], device)
     extra = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale)
+    if args.model in REFERENCE:
+        pipe, prompts = load_reference(args.model, args, device)
+        call, extra = reference_call, dict(guidance_scale=args.guidance_scale)
+    else:
+        prompts = load_prompts(args.prompts or "general", args.num_prompts)
+        pipe, call = load(args.model, models.DTYPES[args.dtype], device), diffusers_call
     try:
         stats = analyze(
             pipe,
@@ -96,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
             args.steps,
             observe,
             progress=not args.quiet,
+            call=call,
             **{k: v for k, v in extra.items() if v is not None},
         )
     except ValueError as exc:
@@ -103,6 +149,11 @@ def run(args: argparse.Namespace) -> int:
     derived = derive(stats, args.tolerance, schedule)
     meta = dict(model=args.model, prompt_set=args.prompts, seeds=args.seeds, steps=args.steps, device=str(device))
     meta.update(dtype=args.dtype, height=args.height, width=args.width, guidance_scale=args.guidance_scale)
+    if args.model in REFERENCE:
+        from tokenmerge.reference.demo import FLUX_BLOCKS
+
+        meta.update(prompt_set=args.prompts or "demo", height=pipe.size, width=pipe.size, demo=REFERENCE[args.model])
+        meta.update(guidance_scale=args.guidance_scale or 3.0, blocks=FLUX_BLOCKS if pipe.name == "flux" else None)
     with report.atomic_dir(args.out, args.overwrite) as tmp:
         files = write_report(stats, derived, tmp, meta)
     catome, toma = derived["catome"], derived["toma"]

@@ -43,6 +43,12 @@ def diffusers_call(pipe: Any, prompt: str, seed: int, steps: int, **kwargs: Any)
     return pipe(prompt, num_inference_steps=steps, generator=generator, output_type="latent", **kwargs)
 
 
+def reference_call(pipe: Any, prompt: str, seed: int, steps: int, guidance_scale: float = 3.0) -> Any:
+    """One generation by a :class:`tokenmerge.reference.pipeline.ReferencePipeline`, whose call takes lists of
+    captions and seeds (the noise of ``seed``) and returns images."""
+    return pipe([prompt], [seed], steps, guidance_scale)
+
+
 def analyze(
     pipe: Any,
     prompts: Sequence[str],
@@ -132,7 +138,8 @@ STABILITY_FIGURES = ("pairs_adj", "pairs_top_adj", "dest_adj", "weight_adj", "pa
 
 def write_report(stats: dict[str, Any], derived: dict[str, Any], out: Path, meta: dict[str, Any]) -> list[str]:
     """Write ``stats.json`` (``meta``, the statistics and the derived schedules), the figures and ``summary.md``
-    into the folder ``out``; returns the file names written."""
+    into the folder ``out``; returns the file names written. ``meta["demo"]`` (a reference model) and
+    ``meta["blocks"]`` (a placement) adapt the summary's comparison command and ``tm.`` calls."""
     from tokenmerge.analysis import plots
     from tokenmerge.harness.report import write_json
 
@@ -184,6 +191,8 @@ def summary_markdown(stats: dict[str, Any], derived: dict[str, Any], meta: dict[
     config = stats["config"]
     catome_options = f"threshold={config['pair_threshold']},max_downsample={catome['downsample']}"
     toma_options = f"ratio={config['ratio']},tile=({config['tile'][0]},{config['tile'][1]})"
+    placement = f", blocks={meta['blocks']}" if meta.get("blocks") else ""
+    compare = f"tokenmerge demo --model {meta['demo']}" if meta.get("demo") else "tokenmerge eval --model ..."
     lines = [
         f"# tokenmerge analyze: {meta.get('model', '')}",
         "",
@@ -215,12 +224,12 @@ def summary_markdown(stats: dict[str, Any], derived: dict[str, Any], meta: dict[
         f"{stats['num_steps']} steps (0-based, used as given by `tm.CAToMe`). Use them as",
         "",
         "```python",
-        f"tm.CAToMe({catome_options.replace(',', ', ')}, schedule={catome['schedule']})",
+        f"tm.CAToMe({catome_options.replace(',', ', ')}, schedule={catome['schedule']}{placement})",
         f"tm.ToMA({toma_options.replace(',', ', ')}, dest_every={toma['dest_every']}, "
-        f"weight_every={toma['weight_every']})",
+        f"weight_every={toma['weight_every']}{placement})",
         "```",
         "",
-        "and compare speed and deviation from the unaccelerated output with `tokenmerge eval --model ... --steps "
+        f"and compare speed and deviation from the unaccelerated output with `{compare} --steps "
         f'{stats["num_steps"]} --method "catome:{catome_options},schedule={ref["name"]}" '
         f'--method "catome:{catome_options},schedule={catome["schedule"]}" '
         f'--method "toma:{toma_options}" --method "toma:{toma_options},'
