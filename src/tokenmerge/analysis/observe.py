@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from tokenmerge.analysis import stats as st
-from tokenmerge.methods.base import Method, check_common, parse_blocks
+from tokenmerge.methods.base import Method, check_ratio
 from tokenmerge.methods.tomesd import check_cells
 from tokenmerge.ops.bipartite import bipartite_match, cell_destinations
 from tokenmerge.ops.tiles import TileGrid
@@ -104,16 +104,14 @@ class Observe(Method):
                 f"thresholds must be cosine similarities in [-1, 1], got {self.thresholds} and "
                 f"pair_threshold {self.pair_threshold}"
             )
-        if not 0.0 <= self.ratio < 1.0:
-            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        check_ratio(self.ratio)
         if len(self.tile) != 2 or any(int(t) != t or t < 1 for t in self.tile):
             raise ValueError(f"tile must be two positive integers (tile_h, tile_w), got {self.tile!r}")
         if self.tau <= 0 or self.bins < 1:
             raise ValueError(f"tau must be positive and bins at least 1, got tau={self.tau}, bins={self.bins}")
         check_cells(self.sx, self.sy)
-        check_common(self.max_downsample, self.steps)
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
-        object.__setattr__(self, "blocks", parse_blocks(self.blocks))
+        self.check_placement()
 
     @property
     def roles(self) -> frozenset[str]:

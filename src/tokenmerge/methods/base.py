@@ -67,6 +67,14 @@ class Method(ABC):
         """True when the configuration changes nothing (e.g. ratio 0): the model is left unpatched."""
         return False
 
+    def check_placement(self) -> None:
+        """Validate the roles (flag methods: at least one flag set), ``max_downsample`` and ``steps``, normalise
+        ``blocks`` (the end of every ``__post_init__``)."""
+        if not self.roles <= set(ROLES):
+            raise ValueError(f"roles must be a subset of {ROLES}, got {sorted(self.roles)}")
+        check_common(self.max_downsample, self.steps)
+        object.__setattr__(self, "blocks", parse_blocks(self.blocks))
+
     def active(self, step: int) -> bool:
         return self.steps is None or step in self.steps
 
@@ -88,6 +96,23 @@ class Method(ABC):
         ``cache["fresh"]`` is removed at every new step: a method that computed a plan for the rest of a step (the
         first block of a reuse group) marks it there.
         """
+
+
+class FlagRoles:
+    """Mixin of methods whose ``merge_attn`` / ``merge_crossattn`` / ``merge_mlp`` flags choose the merged roles."""
+
+    merge_attn: bool
+    merge_crossattn: bool
+    merge_mlp: bool
+
+    @property
+    def roles(self) -> frozenset[str]:
+        return flag_roles(self.merge_attn, self.merge_crossattn, self.merge_mlp)
+
+
+def check_ratio(ratio: float) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
 
 
 def flag_roles(merge_attn: bool, merge_crossattn: bool, merge_mlp: bool) -> frozenset[str]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tokenmerge.methods.base import Method, check_common, flag_roles, parse_blocks
+from tokenmerge.methods.base import FlagRoles, Method
 from tokenmerge.methods.tomesd import check_cells, generation_rng
 from tokenmerge.ops.bipartite import SlotMerge, bipartite_match, cell_destinations, slot_merge, top_sources
 
@@ -32,7 +32,7 @@ def scale_schedule(steps: Sequence[int], num_steps: int, base: int = REFERENCE_S
 
 
 @dataclass(frozen=True)
-class CAToMe(Method):
+class CAToMe(FlagRoles, Method):
     """Cached Adaptive Token Merging (Saghatchian et al.), built on ToMeSD's 2x2-cell bipartite matching.
 
     Per block: one destination per ``sy x sx`` cell (random or top-left), every source's best destination by cosine
@@ -106,13 +106,7 @@ class CAToMe(Method):
         if int(self.bucket) != self.bucket or self.bucket < 1:
             raise ValueError(f"bucket must be a positive integer, got {self.bucket!r}")
         check_cells(self.sx, self.sy)
-        flag_roles(self.merge_attn, self.merge_crossattn, self.merge_mlp)
-        check_common(self.max_downsample, self.steps)
-        object.__setattr__(self, "blocks", parse_blocks(self.blocks))
-
-    @property
-    def roles(self) -> frozenset[str]:
-        return flag_roles(self.merge_attn, self.merge_crossattn, self.merge_mlp)
+        self.check_placement()
 
     def checkpoints(self, num_steps: int | None = None) -> frozenset[int] | None:
         """The 0-based checkpoint steps of a ``num_steps`` run (``None`` for an every-n schedule: ``step % n == 0``)."""

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tokenmerge.methods.base import Method, check_common, parse_blocks
+from tokenmerge.methods.base import Method
 from tokenmerge.ops.downsample import downsample_tokens
 
 
@@ -58,8 +58,7 @@ class ToDo(Method):
     def __post_init__(self) -> None:
         if int(self.factor) != self.factor or self.factor < 1:
             raise ValueError(f"factor must be a positive integer, got {self.factor!r}")
-        check_common(self.max_downsample, self.steps)
-        object.__setattr__(self, "blocks", parse_blocks(self.blocks))
+        self.check_placement()
 
     @property
     def roles(self) -> frozenset[str]:

@@ -8,13 +8,13 @@ from typing import Any
 
 import torch
 
-from tokenmerge.methods.base import Method, check_common, flag_roles, parse_blocks
+from tokenmerge.methods.base import FlagRoles, Method, check_ratio
 from tokenmerge.ops.tiles import TileGrid
 from tokenmerge.ops.toma import TileMerge, toma_merge
 
 
 @dataclass(frozen=True)
-class ToMA(Method):
+class ToMA(FlagRoles, Method):
     """Token Merge with Attention.
 
     Args:
@@ -48,21 +48,14 @@ class ToMA(Method):
     blocks: Mapping[str, object] | None = field(default=None)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.ratio < 1.0:
-            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        check_ratio(self.ratio)
         if len(self.tile) != 2 or any(int(t) != t or t < 1 for t in self.tile):
             raise ValueError(f"tile must be two positive integers (tile_h, tile_w), got {self.tile!r}")
         if self.tau <= 0:
             raise ValueError(f"tau must be positive, got {self.tau}")
         if self.dest_every < 1 or self.weight_every < 1:
             raise ValueError("dest_every and weight_every must be >= 1")
-        flag_roles(self.merge_attn, self.merge_crossattn, self.merge_mlp)
-        check_common(self.max_downsample, self.steps)
-        object.__setattr__(self, "blocks", parse_blocks(self.blocks))
-
-    @property
-    def roles(self) -> frozenset[str]:
-        return flag_roles(self.merge_attn, self.merge_crossattn, self.merge_mlp)
+        self.check_placement()
 
     @property
     def is_identity(self) -> bool:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tokenmerge.methods.base import Method, check_common, flag_roles, parse_blocks
+from tokenmerge.methods.base import FlagRoles, Method, check_ratio
 from tokenmerge.ops.bipartite import SlotMerge, bipartite_match, cell_destinations, slot_merge, top_sources
 
 
@@ -37,7 +37,7 @@ def check_cells(sx: int, sy: int) -> None:
 
 
 @dataclass(frozen=True)
-class ToMeSD(Method):
+class ToMeSD(FlagRoles, Method):
     """Token Merging for Stable Diffusion (Bolya & Hoffman), same options and semantics as the ``tomesd`` package.
 
     Per block call on an ``H x W`` grid: one destination per full ``sy x sx`` cell (random with a generator, else
@@ -71,16 +71,9 @@ class ToMeSD(Method):
     blocks: Mapping[str, object] | None = field(default=None)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.ratio < 1.0:
-            raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
+        check_ratio(self.ratio)
         check_cells(self.sx, self.sy)
-        flag_roles(self.merge_attn, self.merge_crossattn, self.merge_mlp)
-        check_common(self.max_downsample, self.steps)
-        object.__setattr__(self, "blocks", parse_blocks(self.blocks))
-
-    @property
-    def roles(self) -> frozenset[str]:
-        return flag_roles(self.merge_attn, self.merge_crossattn, self.merge_mlp)
+        self.check_placement()
 
     @property
     def is_identity(self) -> bool:
