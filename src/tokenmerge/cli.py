@@ -10,13 +10,15 @@
 
 Bad input prints one line, ``tokenmerge: error: ...``, on stderr and exits with status 2: arguments, method options,
 models that cannot be loaded, image sizes a pipeline cannot take, output folders that cannot be written (checked
-before any work) and I/O errors. ``--debug`` (or ``TOKENMERGE_DEBUG=1``) raises them with their traceback instead.
+before any work), I/O errors, and a missing ``tokenmerge[harness]`` extra. ``--debug`` (or ``TOKENMERGE_DEBUG=1``)
+raises them with their traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import platform
 import sys
@@ -36,6 +38,20 @@ from tokenmerge.harness.registry import (
     parse_method,
 )
 from tokenmerge.reference import demo as demo_command
+
+#: Modules of the ``harness`` extra (pyproject.toml): what every command but ``list`` needs beyond the core.
+HARNESS_MODULES = (
+    "transformers",
+    "accelerate",
+    "torchmetrics",
+    "matplotlib",
+    "psutil",
+    "tqdm",
+    "numpy",
+    "PIL",
+    "safetensors",
+)
+INSTALL_HARNESS = 'pip install "tokenmerge[harness]"'
 
 
 class _Parser(argparse.ArgumentParser):
@@ -292,6 +308,23 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def missing_harness() -> list[str]:
+    """The modules of :data:`HARNESS_MODULES` that cannot be found (located without importing them)."""
+    missing = []
+    for name in HARNESS_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def _harness_error(names: list[str]) -> HarnessError:
+    return HarnessError(f"the command line needs the harness extra ({', '.join(names)} missing): {INSTALL_HARNESS}")
+
+
 def _fail(message: str) -> int:
     print(f"tokenmerge: error: {message}", file=sys.stderr)
     return 2
@@ -299,11 +332,13 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tokenmerge`` script; returns the exit status. Errors of bad input (:class:`HarnessError`,
-    ``OSError``) print one line and return 2, or, with ``--debug``, raise."""
+    a missing harness module, ``OSError``) print one line and return 2, or, with ``--debug``, raise."""
     debug = os.environ.get("TOKENMERGE_DEBUG", "") not in ("", "0")
     try:
         args = build_parser().parse_args(argv)
         debug = debug or args.debug
+        if args.command != "list" and (missing := missing_harness()):  # list reads only the core's registry
+            raise _harness_error(missing)
         commands = {"bench": cmd_bench, "eval": cmd_eval, "list": cmd_list, "analyze": analyze_command.run}
         commands["demo"] = demo_command.run
         return commands[args.command](args)
@@ -311,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         return _fail(str(exc))
+    except ModuleNotFoundError as exc:
+        if debug or (exc.name or "").partition(".")[0] not in HARNESS_MODULES:
+            raise
+        return _fail(str(_harness_error([(exc.name or "").partition(".")[0]])))
     except OSError as exc:
         if debug:
             raise
