@@ -254,6 +254,21 @@ def test_io_error_during_eval_is_one_line(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_gpu_out_of_memory_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    def oom(*args: object, **kwargs: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+
+    monkeypatch.setattr("tokenmerge.harness.bench.run_bench", oom)
+    assert main(["bench", "--arch", "tiny-sd15", "--method", "toma", "--out", str(tmp_path / "b")]) == 2
+    line = _one_line_error(capsys)
+    assert "CUDA out of memory. Tried to allocate 20.00 GiB (try a smaller batch, image size or --dtype" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "model, height, message",
     [

@@ -10,8 +10,8 @@
 
 Bad input prints one line, ``tokenmerge: error: ...``, on stderr and exits with status 2: arguments, method options,
 models that cannot be loaded, image sizes a pipeline cannot take, output folders that cannot be written (checked
-before any work), I/O errors, and a missing ``tokenmerge[harness]`` extra. ``--debug`` (or ``TOKENMERGE_DEBUG=1``)
-raises them with their traceback instead.
+before any work), I/O errors, GPU out-of-memory errors, and a missing ``tokenmerge[harness]`` extra. ``--debug`` (or
+``TOKENMERGE_DEBUG=1``) raises them with their traceback instead.
 """
 
 from __future__ import annotations
@@ -332,7 +332,8 @@ def _fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tokenmerge`` script; returns the exit status. Errors of bad input (:class:`HarnessError`,
-    a missing harness module, ``OSError``) print one line and return 2, or, with ``--debug``, raise."""
+    a missing harness module, ``OSError``, a GPU out of memory) print one line and return 2; with ``--debug``, they
+    are raised."""
     debug = os.environ.get("TOKENMERGE_DEBUG", "") not in ("", "0")
     try:
         args = build_parser().parse_args(argv)
@@ -354,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         return _fail(f"{describe(exc)} (--debug shows where)")
+    except torch.cuda.OutOfMemoryError as exc:
+        if debug:
+            raise
+        return _fail(f"{describe(exc)} (try a smaller batch, image size or --dtype; --debug shows where)")
     except KeyboardInterrupt:
         print("tokenmerge: interrupted", file=sys.stderr)
         return 130
