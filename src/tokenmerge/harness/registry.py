@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,16 +72,22 @@ def _split_options(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
+def _takes_text(annotation: object) -> bool:
+    """Whether a field annotated ``annotation`` (e.g. ``"str | int"``, ``"Literal['a', 'b']"``) takes a string."""
+    members = _split_options(str(annotation).replace("|", ","))
+    return any(m == "str" or m.startswith(("Literal[", "typing.Literal[")) for m in members)
+
+
 def _value(text: str, field: dataclasses.Field[Any]) -> Any:
-    """A Python literal, ``true``/``false``/``none`` in any case, or else the bare string when ``field`` takes text
-    (its annotation names ``str``); anything else is a :class:`ValueError` naming the field's type."""
+    """A Python literal, ``true``/``false``/``none`` in any case, or else the bare string when ``field`` takes text;
+    anything else is a :class:`ValueError` naming the field's type."""
     lowered = text.strip().lower()
     if lowered in ("true", "false", "none"):
         return {"true": True, "false": False, "none": None}[lowered]
     try:
         return ast.literal_eval(text.strip())
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        if re.search(r"\bstr\b", str(field.type)):
+        if _takes_text(field.type):
             return text.strip()
         raise ValueError(f"{field.name} takes {field.type}, got {text.strip()!r}") from None
 
