@@ -24,8 +24,7 @@ from tokenmerge.analysis import (
 from tokenmerge.analysis import stats as st
 from tokenmerge.archs import tiny_pipeline
 from tokenmerge.cli import main
-from tokenmerge.reference import models
-from tokenmerge.reference.demo import PROMPTS
+from tokenmerge.reference import PROMPTS, models
 from tokenmerge.reference.pipeline import ReferencePipeline, load_pipeline
 
 from .conftest import generate

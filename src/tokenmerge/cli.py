@@ -8,13 +8,18 @@
     accelerate launch --num_processes 8 -m tokenmerge.cli eval ...   # data parallel over prompts and seeds
     tokenmerge analyze --model path/to/pipeline --seeds 0 1 --steps 20 --tolerance 0.2 --out results/analysis
 
-Bad input prints one line, ``tokenmerge: error: ...``, on stderr and exits with status 2.
+Bad input prints one line, ``tokenmerge: error: ...``, on stderr and exits with status 2: arguments, method options,
+models that cannot be loaded, image sizes a pipeline cannot take, output folders that cannot be written (checked
+before any work), I/O errors, GPU out-of-memory errors, and a missing ``tokenmerge[harness]`` extra. ``--debug`` (or
+``TOKENMERGE_DEBUG=1``) raises them with their traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
+import os
 import platform
 import sys
 from datetime import datetime, timezone
@@ -24,8 +29,8 @@ from typing import Any, NoReturn
 import torch
 
 from tokenmerge.analysis import command as analyze_command
+from tokenmerge.errors import HarnessError, describe
 from tokenmerge.harness.registry import (
-    HarnessError,
     MethodSpec,
     architectures,
     build_architecture,
@@ -33,6 +38,20 @@ from tokenmerge.harness.registry import (
     parse_method,
 )
 from tokenmerge.reference import demo as demo_command
+
+#: Modules of the ``harness`` extra (pyproject.toml): what every command but ``list`` needs beyond the core.
+HARNESS_MODULES = (
+    "transformers",
+    "accelerate",
+    "torchmetrics",
+    "matplotlib",
+    "psutil",
+    "tqdm",
+    "numpy",
+    "PIL",
+    "safetensors",
+)
+INSTALL_HARNESS = 'pip install "tokenmerge[harness]"'
 
 
 class _Parser(argparse.ArgumentParser):
@@ -105,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="methods and their options, architectures, prompt sets")
     analyze_command.add_parser(sub)
     demo_command.add_parser(sub)
+    debug = "raise errors with their traceback instead of one line (also: environment TOKENMERGE_DEBUG=1)"
+    parser.add_argument("--debug", action="store_true", help=debug)
+    for command in sub.choices.values():  # also after the subcommand; SUPPRESS keeps a --debug given before it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     return parser
 
 
@@ -168,6 +191,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         target.info = dict(batch=args.batch, latent=size)
     else:
         pipe = models.load_pipeline(args.model, dtype)
+        models.check_image_size(pipe, args.height, args.width)
         target = bench.pipeline_target(name, pipe, args.prompt, args.steps, args.height, args.width, device)
     rows = bench.run_bench(
         target,
@@ -200,7 +224,9 @@ def _eval_loader(args: argparse.Namespace) -> Any:
         def load_tiny(device: torch.device) -> Any:
             from tokenmerge.archs import tiny_pipeline
 
-            pipe = tiny_pipeline(args.model).to(device)
+            pipe = tiny_pipeline(args.model)
+            models.check_image_size(pipe, args.height, args.width)
+            pipe = pipe.to(device)
             pipe = pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
             pipe.set_progress_bar_config(disable=True)
             return pipe
@@ -210,7 +236,13 @@ def _eval_loader(args: argparse.Namespace) -> Any:
         raise HarnessError(f"{args.model!r} holds a bare denoiser; eval needs a whole pipeline")
     if models.looks_like_path(args.model) and not Path(args.model).expanduser().exists():
         raise HarnessError(f"model path {args.model!r} does not exist")
-    return lambda device: models.load_pipeline(args.model, dtype).to(device)
+
+    def load(device: torch.device) -> Any:
+        pipe = models.load_pipeline(args.model, dtype)
+        models.check_image_size(pipe, args.height, args.width)
+        return pipe.to(device)
+
+    return load
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -276,16 +308,57 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def missing_harness() -> list[str]:
+    """The modules of :data:`HARNESS_MODULES` that cannot be found (located without importing them)."""
+    missing = []
+    for name in HARNESS_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def _harness_error(names: list[str]) -> HarnessError:
+    return HarnessError(f"the command line needs the harness extra ({', '.join(names)} missing): {INSTALL_HARNESS}")
+
+
+def _fail(message: str) -> int:
+    print(f"tokenmerge: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``tokenmerge`` script; returns the exit status."""
+    """Entry point of the ``tokenmerge`` script; returns the exit status. Errors of bad input (:class:`HarnessError`,
+    a missing harness module, ``OSError``, a GPU out of memory) print one line and return 2; with ``--debug``, they
+    are raised."""
+    debug = os.environ.get("TOKENMERGE_DEBUG", "") not in ("", "0")
     try:
         args = build_parser().parse_args(argv)
+        debug = debug or args.debug
+        if args.command != "list" and (missing := missing_harness()):  # list reads only the core's registry
+            raise _harness_error(missing)
         commands = {"bench": cmd_bench, "eval": cmd_eval, "list": cmd_list, "analyze": analyze_command.run}
         commands["demo"] = demo_command.run
         return commands[args.command](args)
     except HarnessError as exc:
-        print(f"tokenmerge: error: {exc}", file=sys.stderr)
-        return 2
+        if debug:
+            raise
+        return _fail(str(exc))
+    except ModuleNotFoundError as exc:
+        if debug or (exc.name or "").partition(".")[0] not in HARNESS_MODULES:
+            raise
+        return _fail(str(_harness_error([(exc.name or "").partition(".")[0]])))
+    except OSError as exc:
+        if debug:
+            raise
+        return _fail(f"{describe(exc)} (--debug shows where)")
+    except torch.cuda.OutOfMemoryError as exc:
+        if debug:
+            raise
+        return _fail(f"{describe(exc)} (try a smaller batch, image size or --dtype; --debug shows where)")
     except KeyboardInterrupt:
         print("tokenmerge: interrupted", file=sys.stderr)
         return 130

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 import tokenmerge as tm
+from tokenmerge.errors import HarnessError
 from tokenmerge.flops import count_flops
-from tokenmerge.harness.registry import HarnessError, MethodSpec
+from tokenmerge.harness.registry import MethodSpec
 
 
 @dataclass
@@ -140,8 +141,8 @@ def _apply(target: Target, spec: MethodSpec) -> None:
         return
     try:
         tm.apply(target.model, spec.method)
-    except ValueError as exc:
-        raise HarnessError(f"cannot apply {spec.label} to {target.name}: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise HarnessError(f"cannot apply {spec.label} to {target.name}: {exc}") from exc
 
 
 def _remove(target: Target, spec: MethodSpec) -> None:

@@ -30,23 +30,12 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import tokenmerge as tm
+from tokenmerge.errors import HarnessError
 from tokenmerge.harness import metrics, report
-from tokenmerge.harness.registry import BASELINE, HarnessError, MethodSpec, parse_method
-from tokenmerge.reference import models
+from tokenmerge.harness.registry import BASELINE, MethodSpec, parse_method
+from tokenmerge.reference import FLUX_BLOCKS, PROMPTS, models
 from tokenmerge.reference.pipeline import ReferencePipeline, load_pipeline, to_pil
 
-#: Captions of the demo images, cycled: image ``i`` is caption ``i % 8`` with seed ``i``.
-PROMPTS = (
-    "red circle on blue gradient",
-    "yellow square on purple stripes",
-    "white triangle on green plain",
-    "blue ring on orange checks",
-    "orange circle on black stripes",
-    "green square on white gradient",
-    "purple triangle on yellow checks",
-    "black ring on red gradient",
-)
-FLUX_BLOCKS = {"double": (1, None), "single": (1, None)}
 COLUMNS = ["model", "config", "median_s", "speedup", "psnr_db", "ssim", "rel_l2"]
 
 
