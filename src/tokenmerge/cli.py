@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="LPIPS v0.1 linear weights (alex.pth, lin0.model.1.weight ...); default: the lpips package's copy",
     )
     ev.add_argument("--grid-images", type=int, default=8, help="images per configuration in grid.png")
+    ev.add_argument(
+        "--warmup", type=int, default=1, help="untimed calls per configuration before the timed ones (default 1)"
+    )
 
     sub.add_parser("list", help="methods and their options, architectures, prompt sets")
     analyze_command.add_parser(sub)
@@ -225,6 +228,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts, args.num_prompts)
     if len(set(args.seeds)) != len(args.seeds):
         raise HarnessError("--seeds must be distinct")
+    if args.warmup < 0:
+        raise HarnessError(f"--warmup must be >= 0, got {args.warmup}")
     if args.lpips_linear and not args.lpips_backbone:
         raise HarnessError("--lpips-linear needs --lpips-backbone")
     cfg = ev.EvalConfig(
@@ -239,6 +244,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         lpips_backbone=args.lpips_backbone,
         lpips_linear=args.lpips_linear,
         grid_items=args.grid_images,
+        warmup=args.warmup,
     )
     meta = _meta(args, model=args.model, prompt_set=args.prompts, methods=[s.label for s in specs])
     if args.lpips_backbone:
