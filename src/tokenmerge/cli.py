@@ -1,4 +1,4 @@
-"""The ``tokenmerge`` command line: ``demo``, ``bench``, ``eval``, ``analyze`` and ``list``.
+"""The ``tokenmerge`` command line: ``demo``, ``bench``, ``eval``, ``pareto``, ``analyze`` and ``list``.
 
     tokenmerge demo --out results/demo   # every method on the packaged reference models: grid, speed, fidelity
     tokenmerge bench --arch sd15 --method toma:ratio=0.5 --method tomesd:ratio=0.5 --out results/bench
@@ -6,6 +6,7 @@
         --out results/eval
     tokenmerge eval ... --lpips-backbone alexnet.pth [--lpips-linear lpips_v0.1_alex.pth]   # + LPIPS
     accelerate launch --num_processes 8 -m tokenmerge.cli eval ...   # data parallel over prompts and seeds
+    tokenmerge pareto --model reference-unet --quick --out results/pareto   # speed-fidelity front of every method
     tokenmerge analyze --model path/to/pipeline --seeds 0 1 --steps 20 --tolerance 0.2 --out results/analysis
 
 Bad input prints one line, ``tokenmerge: error: ...``, on stderr and exits with status 2.
@@ -24,6 +25,7 @@ from typing import Any, NoReturn
 import torch
 
 from tokenmerge.analysis import command as analyze_command
+from tokenmerge.harness import pareto_command
 from tokenmerge.harness.registry import (
     HarnessError,
     MethodSpec,
@@ -108,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="methods and their options, architectures, prompt sets")
     analyze_command.add_parser(sub)
     demo_command.add_parser(sub)
+    pareto_command.add_parser(sub)
     return parser
 
 
@@ -288,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         commands = {"bench": cmd_bench, "eval": cmd_eval, "list": cmd_list, "analyze": analyze_command.run}
         commands["demo"] = demo_command.run
+        commands["pareto"] = pareto_command.run
         return commands[args.command](args)
     except HarnessError as exc:
         print(f"tokenmerge: error: {exc}", file=sys.stderr)
