@@ -156,13 +156,15 @@ def run_sweep(
     diffs: dict[int, float] = dict.fromkeys(range(len(settings)), 0.0)
     dropped: dict[int, Skipped] = {}
     calls, checked = schedule.calls(len(settings)), schedule.warmup == 0
-    for call in tqdm(calls, desc=f"pareto {runner.name}", disable=not progress, unit="call", leave=False):
+    bar = tqdm(calls, desc=f"pareto {runner.name}", disable=not progress, unit="call", leave=False)
+    for call in bar:
         if call.timed and not checked:  # every warm-up done: drop the settings that repeat another's images
             dropped.update(_duplicates(settings, images, dropped))
             checked = True
         setting = settings[call.config]
         if call.config in dropped:
             continue
+        bar.set_postfix_str(f"{setting.label} {'round ' + str(call.round + 1) if call.timed else 'warm-up'}")
         try:
             setting.apply(runner.target)
             try:
