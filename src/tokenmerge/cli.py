@@ -1,4 +1,4 @@
-"""The ``tokenmerge`` command line: ``demo``, ``bench``, ``eval``, ``analyze`` and ``list``.
+"""The ``tokenmerge`` command line: ``demo``, ``bench``, ``eval``, ``pareto``, ``analyze`` and ``list``.
 
     tokenmerge demo --out results/demo   # every method on the packaged reference models: grid, speed, fidelity
     tokenmerge bench --arch sd15 --method toma:ratio=0.5 --method tomesd:ratio=0.5 --out results/bench
@@ -6,6 +6,7 @@
         --out results/eval
     tokenmerge eval ... --lpips-backbone alexnet.pth [--lpips-linear lpips_v0.1_alex.pth]   # + LPIPS
     accelerate launch --num_processes 8 -m tokenmerge.cli eval ...   # data parallel over prompts and seeds
+    tokenmerge pareto --model reference-unet --quick --out results/pareto   # speed-fidelity front of every method
     tokenmerge analyze --model path/to/pipeline --seeds 0 1 --steps 20 --tolerance 0.2 --out results/analysis
 
 Bad input prints one line, ``tokenmerge: error: ...``, on stderr and exits with status 2: arguments, method options,
@@ -30,6 +31,7 @@ import torch
 
 from tokenmerge.analysis import command as analyze_command
 from tokenmerge.errors import HarnessError, describe
+from tokenmerge.harness import pareto_command
 from tokenmerge.harness.registry import (
     MethodSpec,
     architectures,
@@ -120,10 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="LPIPS v0.1 linear weights (alex.pth, lin0.model.1.weight ...); default: the lpips package's copy",
     )
     ev.add_argument("--grid-images", type=int, default=8, help="images per configuration in grid.png")
+    ev.add_argument(
+        "--warmup", type=int, default=1, help="untimed calls per configuration before the timed ones (default 1)"
+    )
 
     sub.add_parser("list", help="methods and their options, architectures, prompt sets")
     analyze_command.add_parser(sub)
     demo_command.add_parser(sub)
+    pareto_command.add_parser(sub)
     debug = "raise errors with their traceback instead of one line (also: environment TOKENMERGE_DEBUG=1)"
     parser.add_argument("--debug", action="store_true", help=debug)
     for command in sub.choices.values():  # also after the subcommand; SUPPRESS keeps a --debug given before it
@@ -257,6 +263,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts, args.num_prompts)
     if len(set(args.seeds)) != len(args.seeds):
         raise HarnessError("--seeds must be distinct")
+    if args.warmup < 0:
+        raise HarnessError(f"--warmup must be >= 0, got {args.warmup}")
     if args.lpips_linear and not args.lpips_backbone:
         raise HarnessError("--lpips-linear needs --lpips-backbone")
     cfg = ev.EvalConfig(
@@ -271,6 +279,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         lpips_backbone=args.lpips_backbone,
         lpips_linear=args.lpips_linear,
         grid_items=args.grid_images,
+        warmup=args.warmup,
     )
     meta = _meta(args, model=args.model, prompt_set=args.prompts, methods=[s.label for s in specs])
     if args.lpips_backbone:
@@ -342,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             raise _harness_error(missing)
         commands = {"bench": cmd_bench, "eval": cmd_eval, "list": cmd_list, "analyze": analyze_command.run}
         commands["demo"] = demo_command.run
+        commands["pareto"] = pareto_command.run
         return commands[args.command](args)
     except HarnessError as exc:
         if debug:

@@ -24,6 +24,7 @@ import tokenmerge as tm
 from tokenmerge.errors import HarnessError
 from tokenmerge.flops import count_flops
 from tokenmerge.harness.registry import MethodSpec
+from tokenmerge.harness.timing import time_call
 
 
 @dataclass
@@ -87,21 +88,6 @@ def _to(value: Any, device: torch.device) -> Any:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def time_call(run: Callable[[], Any], device: torch.device) -> float:
-    """Seconds taken by ``run()``: CUDA events on a GPU, wall clock on the CPU."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        _sync(device)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1000
-    start_s = time.perf_counter()
-    run()
-    return time.perf_counter() - start_s
 
 
 def peak_memory(run: Callable[[], Any], device: torch.device) -> tuple[float, str]:
