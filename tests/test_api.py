@@ -102,6 +102,16 @@ def test_a_generation_that_merged_nothing_warns_once(xl, method: tm.Method, why:
         generate(xl)  # once per patch and reason
 
 
+def test_the_observer_merges_nothing_by_design_without_a_warning(xl) -> None:
+    from tokenmerge.analysis import observer_for
+
+    tm.apply(xl, observer_for(xl))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="tokenmerge")
+        generate(xl)
+    assert tm.summary(xl).merged_calls == 0
+
+
 # ---- validation ----------------------------------------------------------------------------------------------------
 
 

@@ -53,7 +53,7 @@ def run(pipe, **kwargs) -> torch.Tensor:
 
 
 def toma(pipe, **kwargs) -> tm.ToMA:
-    """ToMA on every block (Flux's default leaves the first five of each kind full: all of the tiny model's)."""
+    """ToMA on every block (Flux's default leaves the first double-stream block of the tiny model full)."""
     return tm.ToMA(blocks=ALL_FLUX if family(pipe) == "flux" else None, **kwargs)
 
 

@@ -24,8 +24,9 @@ def family(pipe) -> str:
 
 def methods(pipe) -> dict[str, tuple[tm.Method, tm.Method | None]]:
     """name -> (a merging config, its identity config or None) for this pipeline's layout. SDXL has no attention at
-    level 1 (hence ``max_downsample=2``); Flux's default placement leaves all of the tiny model's blocks full; SD3's
-    joint attention takes no key mask, so CA-ToMe there uses the batch maximum."""
+    level 1 (``max_downsample=2`` there, as the default ``None`` resolves to for the baselines); Flux merges every
+    block (its default leaves the first double-stream block of the tiny model full); SD3's joint attention takes no key
+    mask, so CA-ToMe there uses the batch maximum."""
     blocks = ALL_FLUX if family(pipe) == "FluxTransformer2DModel" else None
     batch = "max" if family(pipe) == "SD3Transformer2DModel" else "sample"
     return {

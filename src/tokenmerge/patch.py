@@ -167,8 +167,10 @@ class Patch:
             run.running.clear()
 
     def report(self) -> None:
-        """Warn (once per reason) if the generation that just ran merged nothing."""
-        for reason in self.counters.take_generation_reasons():
+        """Warn (once per reason) if the generation that just ran merged nothing (unless the method merges nothing by
+        design: no roles, e.g. the analysis observer)."""
+        reasons = self.counters.take_generation_reasons()
+        for reason in reasons if self.method.roles else ():
             if reason not in self.warned:
                 self.warned.add(reason)
                 _warn(f"{self.method.describe()} merged nothing in a generation of {self.name}: {reason.value}")
