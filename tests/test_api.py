@@ -157,11 +157,16 @@ def test_options_are_normalised() -> None:
 
 
 def test_catome_mask_on_sd3_raises_at_apply() -> None:
-    """batch='sample' needs a key mask, which SD3's joint attention cannot take: ValueError at apply, naming batch."""
+    """batch='sample' needs a key mask, which SD3's joint attention cannot take: ValueError at apply, naming batch,
+    before anything changes (the patch applied before stays)."""
     pipe = tiny_pipeline("tiny-sd3")
+    tm.apply(pipe, tm.ToDo())
     with pytest.raises(ValueError, match=r"batch='sample'.*JointAttnProcessor2_0.*batch='min'"):
         tm.apply(pipe, tm.CAToMe(threshold=0.0))
-    assert not tm.is_applied(pipe)
+    assert isinstance(pipe.transformer._tokenmerge.method, tm.ToDo)
+    with pytest.raises(ValueError), tm.applied(pipe, tm.CAToMe(threshold=0.0)):
+        pass
+    assert isinstance(pipe.transformer._tokenmerge.method, tm.ToDo)
     tm.apply(pipe, tm.CAToMe(threshold=0.0, batch="min"))
 
 

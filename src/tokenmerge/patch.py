@@ -99,8 +99,7 @@ class Patch:
     # ---- install / uninstall --------------------------------------------------------------------------------------
 
     def install(self, pipeline: Any | None) -> None:
-        """Check, then install the hooks (and on a ``pipeline``, the wrappers of its scheduler and progress bar)."""
-        self.check()
+        """Install the hooks (and on a ``pipeline``, the wrappers of its scheduler and progress bar)."""
         model = self.adapter.model
         self.handles.append(model.register_forward_pre_hook(self.on_call, with_kwargs=True))
         self.handles.append(model.register_forward_hook(self.on_return))
@@ -303,17 +302,20 @@ def apply(obj: Any, method: Method) -> Any:
 
     Applying again replaces the previous patch. A method that changes nothing (ratio 0) leaves the model unpatched.
     Raises ``ValueError`` when the method cannot run on this model or its attention backend (e.g. a key mask where
-    the attention takes none); warns when its options patch no block.
+    the attention takes none), before anything changes (a previous patch stays); warns when its options patch no
+    block.
     """
     if not isinstance(method, Method):
         raise TypeError(f"expected a tokenmerge method such as tm.ToMA(...), got {type(method).__name__}")
     model = find_denoiser(obj)
     adapter = adapter_for(model)
+    patch = None if method.is_identity else Patch(method, adapter)
+    if patch is not None:
+        patch.check()
     remove(obj)
-    if method.is_identity:
+    if patch is None:
         logger.info("%s changes nothing: %s left unpatched", method.describe(), type(model).__name__)
         return obj
-    patch = Patch(method, adapter)
     patch.install(None if isinstance(obj, nn.Module) else obj)
     setattr(model, _ATTR, patch)
     return obj
@@ -339,7 +341,7 @@ def applied(obj: Any, method: Method) -> Iterator[Any]:
     """``with tm.applied(pipe, method):`` — patched inside the block; on leaving it, however, the patch is removed
     and a method applied before is applied again."""
     before = _patch(obj)
-    apply(obj, method)
+    apply(obj, method)  # raises before anything changes
     try:
         yield obj
     finally:
