@@ -24,6 +24,7 @@ from tokenmerge.analysis import (
 from tokenmerge.analysis import stats as st
 from tokenmerge.archs import tiny_pipeline
 from tokenmerge.cli import main
+from tokenmerge.methods.base import Generation
 from tokenmerge.reference import PROMPTS, models
 from tokenmerge.reference.pipeline import ReferencePipeline, load_pipeline
 
@@ -34,8 +35,8 @@ STEPS = 4
 
 def observe_sequence(observe: Observe, inputs: list[list[torch.Tensor]], grid: tuple[int, int]) -> dict:
     """Drive ``observe.plan`` directly: ``inputs[t][b]`` is block ``b``'s input at step ``t``; returns the summary."""
-    generation = {"num_steps": len(inputs)}
-    caches = [{"generation": generation} for _ in inputs[0]]
+    generation = Generation(num_steps=len(inputs))
+    caches = [observe.new_cache(generation) for _ in inputs[0]]
     for step, xs in enumerate(inputs):
         for cache, x in zip(caches, xs, strict=True):
             assert observe.plan(x, grid, cache, step) is None

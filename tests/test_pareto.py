@@ -75,7 +75,7 @@ def test_a_preset_is_one_line_and_bad_options_are_skipped(monkeypatch: pytest.Mo
     [
         (Selection(["fastmerge"]), "'fastmerge': unknown method"),
         (Selection(presets={"toma": ["nope"]}), "toma has no preset 'nope'"),
-        (Selection(values={"toma": [1.5]}), r"toma ratio=1.5: ratio must be in \[0, 1\)"),
+        (Selection(values={"toma": [1.5]}), r"toma ratio=1.5: ratio must be .*in \[0, 1\)"),
         (Selection(["todo"], values={"toma": [0.5]}), "not among the swept methods"),
     ],
 )
@@ -263,7 +263,7 @@ def test_reference_flux_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
         (["--methods", "fastmerge"], "'fastmerge': unknown method", False),
         (["--preset", "toma=nope"], "toma has no preset 'nope'", False),
         (["--preset", "toma"], "--preset 'toma': expected METHOD=A", False),
-        (["--values", "toma=1.5"], r"ratio must be in \[0, 1\)", False),
+        (["--values", "toma=1.5"], r"ratio must be .*in \[0, 1\)", False),
         (["--metric", "lpips"], "--metric lpips needs --lpips-backbone", False),
         (["--out", "FILE/out"], "is a file, not a folder", False),
         (["--out", "EXISTS"], "already exists", False),
