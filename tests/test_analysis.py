@@ -174,8 +174,8 @@ def test_cli_analyze_tiny_sd15(tmp_path: Path, capsys: pytest.CaptureFixture[str
 @pytest.mark.parametrize(
     "model, groups, placement",
     [
-        ("reference-unet", ["down1", "down2", "mid4", "up2", "up2", "up1", "up1"], ""),
-        ("reference-flux", ["double"] * 2 + ["single"] * 4, ", blocks={'double': (1, None), 'single': (1, None)})"),
+        ("reference-unet", ["down1", "down2", "down4", "mid8", "up4", "up4", "up2", "up2", "up1", "up1"], ""),
+        ("reference-flux", ["double"] * 4 + ["single"] * 8, ", blocks={'double': (1, None), 'single': (1, None)})"),
     ],
 )
 def test_cli_analyze_reference_models(tmp_path: Path, model: str, groups: list, placement: str) -> None:
@@ -185,17 +185,18 @@ def test_cli_analyze_reference_models(tmp_path: Path, model: str, groups: list, 
     data = json.loads((out / "stats.json").read_text())
     assert [r["prompt"] for r in data["runs_info"]] == list(PROMPTS[:2]) and data["meta"]["prompt_set"] == "demo"
     assert [b["group"] for b in data["blocks"]] == groups and data["num_steps"] == 2
-    assert data["meta"]["height"] == 32 and data["meta"]["guidance_scale"] == 3.0
-    assert data["blocks"][0]["grid"] == ([32, 32] if model == "reference-unet" else [16, 16])
+    assert data["meta"]["height"] == 64 and data["meta"]["guidance_scale"] == 3.0
+    assert data["blocks"][0]["grid"] == ([64, 64] if model == "reference-unet" else [32, 32])
     summary = (out / "summary.md").read_text()
     assert f"tokenmerge demo --model {model.removeprefix('reference-')} --steps 2" in summary
     assert f"weight_every={data['schedules']['toma']['weight_every']}{placement or ')'}" in summary
     prompts = tmp_path / "captions.txt"
-    prompts.write_text("white ring on green checks\n")
+    prompts.write_text("white circle and red square on green checks\n")
     argv[argv.index("--num-prompts") : argv.index("--seeds")] = ["--prompts", str(prompts), "--height", "16"]
     assert main([*argv, "--out", str(tmp_path / "file")]) == 0
     data = json.loads((tmp_path / "file" / "stats.json").read_text())
-    assert data["runs_info"] == [dict(prompt="white ring on green checks", seed=3)] and data["meta"]["width"] == 16
+    assert data["runs_info"] == [dict(prompt="white circle and red square on green checks", seed=3)]
+    assert data["meta"]["width"] == 16
 
 
 @pytest.mark.parametrize(
@@ -222,7 +223,7 @@ def test_cli_analyze_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 def test_cli_analyze_reference_caption_outside_the_vocabulary(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("red circle on blue gradient\na lighthouse at dawn\n")
+    prompts.write_text("red circle and blue square on green gradient\na lighthouse at dawn\n")
     argv = ["analyze", "--model", "reference-flux", "--prompts", str(prompts), "--out", str(tmp_path / "a")]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -31,7 +31,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=4, help="use the first N prompts (default 4)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per prompt (default 0)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--height", type=int, help="default: the pipeline's (reference models: 32, square only)")
+    p.add_argument("--height", type=int, help="default: the pipeline's (reference models: 64, square only)")
     p.add_argument("--width", type=int)
     p.add_argument("--guidance-scale", type=float, help="default: the pipeline's (reference models: 3)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9], help="similarity thresholds")
