@@ -24,8 +24,8 @@ from tokenmerge.analysis import (
 from tokenmerge.analysis import stats as st
 from tokenmerge.archs import tiny_pipeline
 from tokenmerge.cli import main
-from tokenmerge.reference import models
-from tokenmerge.reference.demo import PROMPTS
+from tokenmerge.methods.base import Generation
+from tokenmerge.reference import PROMPTS, models
 from tokenmerge.reference.pipeline import ReferencePipeline, load_pipeline
 
 from .conftest import generate
@@ -35,8 +35,8 @@ STEPS = 4
 
 def observe_sequence(observe: Observe, inputs: list[list[torch.Tensor]], grid: tuple[int, int]) -> dict:
     """Drive ``observe.plan`` directly: ``inputs[t][b]`` is block ``b``'s input at step ``t``; returns the summary."""
-    generation = {"num_steps": len(inputs)}
-    caches = [{"generation": generation} for _ in inputs[0]]
+    generation = Generation(num_steps=len(inputs))
+    caches = [observe.new_cache(generation) for _ in inputs[0]]
     for step, xs in enumerate(inputs):
         for cache, x in zip(caches, xs, strict=True):
             assert observe.plan(x, grid, cache, step) is None
@@ -175,7 +175,7 @@ def test_cli_analyze_tiny_sd15(tmp_path: Path, capsys: pytest.CaptureFixture[str
     "model, groups, placement",
     [
         ("reference-unet", ["down1", "down2", "down4", "mid8", "up4", "up4", "up2", "up2", "up1", "up1"], ""),
-        ("reference-flux", ["double"] * 4 + ["single"] * 8, ", blocks={'double': (1, None), 'single': (1, None)})"),
+        ("reference-flux", ["double"] * 4 + ["single"] * 8, ""),
     ],
 )
 def test_cli_analyze_reference_models(tmp_path: Path, model: str, groups: list, placement: str) -> None:

@@ -138,7 +138,9 @@ def test_eval_two_processes(tmp_path: Path) -> None:
         (["bench", "--model", "/no/such/model", "--method", "toma"], "model path '/no/such/model' does not exist"),
         (["bench", "--arch", "sd99", "--method", "toma"], "unknown architecture 'sd99'"),
         (["bench", "--arch", "tiny-sd15", "--method", "fastmerge"], "unknown method 'fastmerge'"),
-        (["bench", "--arch", "tiny-sd15", "--method", "toma:ratio=1.0"], r"ratio must be in \[0, 1\)"),
+        (["bench", "--arch", "tiny-sd15", "--method", "toma:ratio=1.0"], r"ratio must be .*in \[0, 1\)"),
+        (["bench", "--arch", "tiny-sd15", "--method", "tomesd:seed=abc"], r"seed takes int \| None, got 'abc'"),
+        (["bench", "--arch", "tiny-sd15", "--method", "toma:blocks=abc"], r"blocks takes Mapping\[str, Any\] \|"),
         (["bench", "--arch", "tiny-sd15", "--method", "toma", "--rounds", "0"], "--rounds must be >= 1"),
         (["bench", "--arch", "tiny-sd15"], "give at least one --method"),
         (["bench", "--method", "toma"], "one of the arguments --model --arch is required"),
@@ -178,3 +180,191 @@ def test_console_script_error_has_no_traceback() -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "unknown architecture 'nope'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    """The ``tokenmerge: error:`` line on stderr (library warnings aside, e.g. transformers' on torchvision)."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("tokenmerge: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "--arch", "tiny-sd15", "--method", "toma", "--device", "cpu"],
+        ["eval", "--model", "tiny-sd15", "--method", "toma", *EVAL],
+        ["analyze", "--model", "tiny-sd15", "--steps", "2", "--device", "cpu", "--quiet"],
+        ["demo", "--model", "unet", "--quiet"],
+    ],
+)
+def test_unwritable_out_fails_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    """--out below a file: one line naming the output, and no model is built or loaded."""
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("work started before the output folder was checked")
+
+    monkeypatch.setattr("tokenmerge.cli.build_architecture", no_work)
+    monkeypatch.setattr("tokenmerge.archs.tiny_pipeline", no_work)
+    monkeypatch.setattr("tokenmerge.reference.demo.load_pipeline", no_work)
+    (tmp_path / "file").write_text("")
+    assert main([*argv, "--out", str(tmp_path / "file" / "out")]) == 2
+    assert re.search(r"cannot write output .*/file/out: .*/file is a file, not a folder", _one_line_error(capsys))
+
+
+def test_output_probe_reports_an_unwritable_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder that takes no new entries (as root, read-only modes do not stop writes: the probe is refused)."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("tempfile.TemporaryDirectory", refuse)
+    argv = ["bench", "--arch", "tiny-sd15", "--method", "toma", "--out", str(tmp_path / "a" / "b")]
+    assert main(argv) == 2
+    assert f"cannot write output {tmp_path}/a/b: Permission denied in {tmp_path}" in _one_line_error(capsys)
+
+
+def test_write_error_after_the_work_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("tokenmerge.harness.report.write_csv", full)
+    argv = ["bench", "--arch", "tiny-sd15", "--method", "toma", "--rounds", "1", "--latent", "8", "--batch", "1"]
+    assert main([*argv, "--no-flops", "--no-memory", "--device", "cpu", "--out", str(tmp_path / "b")]) == 2
+    assert "cannot write output" in _one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_io_error_during_eval_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("PIL.Image.Image.save", full)
+    argv = ["eval", "--model", "tiny-sd15", "--method", "toma", *EVAL, "--seeds", "0", "--out", str(tmp_path / "e")]
+    assert main(argv) == 2
+    assert "No space left on device (--debug shows where)" in _one_line_error(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gpu_out_of_memory_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    def oom(*args: object, **kwargs: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+
+    monkeypatch.setattr("tokenmerge.harness.bench.run_bench", oom)
+    assert main(["bench", "--arch", "tiny-sd15", "--method", "toma", "--out", str(tmp_path / "b")]) == 2
+    line = _one_line_error(capsys)
+    assert "CUDA out of memory. Tried to allocate 20.00 GiB (try a smaller batch, image size or --dtype" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "model, height, message",
+    [
+        ("tiny-sd15", "30", r"--height 30 --width 32: `height` and `width` have to be divisible by 8"),
+        ("tiny-flux", "30", r"--height 30: FluxPipeline takes multiples of 4 \(VAE downscale x patch\), e.g. 28"),
+    ],
+)
+def test_eval_size_the_pipeline_cannot_take(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    model: str,
+    height: str,
+    message: str,
+) -> None:
+    """Checked against the loaded pipeline before anything is generated (Flux would silently resize)."""
+    from tokenmerge.harness import eval as ev
+
+    def no_generation(*args: object, **kwargs: object) -> None:
+        raise AssertionError("generation started")
+
+    monkeypatch.setattr(ev, "_generate", no_generation)
+    argv = ["eval", "--model", model, "--method", "toma", *EVAL, "--height", height, "--out", str(tmp_path / "e")]
+    assert main(argv) == 2
+    assert re.search(message, _one_line_error(capsys))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("pipe") / "tiny-sd15"
+    tiny_pipeline("tiny-sd15").save_pretrained(path)
+    return path
+
+
+def _corrupt_text_encoder(path: Path) -> None:
+    next((path / "text_encoder").glob("*.safetensors")).write_bytes(b"not a safetensors file")
+
+
+def _unknown_pipeline_class(path: Path) -> None:
+    index = json.loads((path / "model_index.json").read_text())
+    (path / "model_index.json").write_text(json.dumps(index | {"_class_name": "NoSuchPipeline"}))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_corrupt_text_encoder, "deserializing header"),
+        (_unknown_pipeline_class, "no attribute NoSuchPipeline"),
+    ],
+)
+def test_broken_model_folder_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], saved_pipeline: Path, damage: object, message: str
+) -> None:
+    """Errors diffusers, transformers and safetensors raise while loading name the model, in one line."""
+    import shutil
+
+    path = tmp_path / "pipe"
+    shutil.copytree(saved_pipeline, path)
+    damage(path)  # type: ignore[operator]
+    argv = ["bench", "--model", str(path), "--method", "toma", "--device", "cpu", "--out", str(tmp_path / "b")]
+    assert main(argv) == 2
+    line = _one_line_error(capsys)
+    assert f"cannot load pipeline '{path}': " in line and message in line, line
+
+
+def test_unknown_hub_id_names_the_cause_not_a_hidden_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--model", "nope", "--method", "toma", "--out", "never-written"]) == 2
+    line = _one_line_error(capsys)
+    assert "cannot load pipeline 'nope' (no such folder; tried as a hub id): " in line
+    assert not re.search("stack ?trace|traceback", line, re.IGNORECASE), line
+
+
+def test_debug_raises_with_the_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenmerge.errors import HarnessError
+
+    argv = ["bench", "--arch", "sd99", "--method", "toma", "--out", "never-written"]
+    with pytest.raises(HarnessError, match="unknown architecture 'sd99'"):
+        main(["--debug", *argv])
+    with pytest.raises(HarnessError, match="unknown architecture 'sd99'"):
+        main([*argv, "--debug"])
+    monkeypatch.setenv("TOKENMERGE_DEBUG", "1")
+    with pytest.raises(HarnessError, match="unknown architecture 'sd99'"):
+        main(argv)
+
+
+def test_describe_drops_pointers_to_unseen_tracebacks() -> None:
+    from tokenmerge.errors import describe
+
+    try:
+        try:
+            raise ConnectionError("[Errno -2] Name or service not known")
+        except ConnectionError as inner:
+            raise OSError("Cannot load model x. Please check out the root cause in the stacktrace above.") from inner
+    except OSError as exc:
+        assert describe(exc) == "Cannot load model x. (cause: [Errno -2] Name or service not known)"
+    assert describe(ValueError("first line\nsecond line")) == "first line"
+    assert describe(KeyError()) == "KeyError"

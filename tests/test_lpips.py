@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tokenmerge.errors import HarnessError
 from tokenmerge.harness import lpips as lp
-from tokenmerge.harness.registry import HarnessError
 
 # torchvision alexnet().features convolutions: state-dict index, (out, in, kernel), stride, padding
 CONVS = [(0, (64, 3, 11), 4, 2), (3, (192, 64, 5), 1, 2), (6, (384, 192, 3), 1, 1)]

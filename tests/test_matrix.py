@@ -24,8 +24,9 @@ def family(pipe) -> str:
 
 def methods(pipe) -> dict[str, tuple[tm.Method, tm.Method | None]]:
     """name -> (a merging config, its identity config or None) for this pipeline's layout. SDXL has no attention at
-    level 1 (hence ``max_downsample=2``); Flux's default placement leaves all of the tiny model's blocks full; SD3's
-    joint attention takes no key mask, so CA-ToMe there uses the batch maximum."""
+    level 1 (``max_downsample=2`` there, as the default ``None`` resolves to for the baselines); Flux merges every
+    block (its default leaves the first double-stream block of the tiny model full); SD3's joint attention takes no key
+    mask, so CA-ToMe there uses the batch maximum."""
     blocks = ALL_FLUX if family(pipe) == "FluxTransformer2DModel" else None
     batch = "max" if family(pipe) == "SD3Transformer2DModel" else "sample"
     return {
@@ -224,7 +225,7 @@ def test_catome_per_sample_on_flux_is_independent_of_batch_mates() -> None:
         tm.apply(model, tm.CAToMe(threshold=0.7, batch=mode, use_rand=False, blocks=ALL_FLUX))
         with torch.no_grad():
             both = model(**inputs).sample
-            biases = [getattr(p, "key_bias", None) for p in model._tokenmerge.plans.values()]
+            biases = [run.plan.key_bias for run in model._tokenmerge.runs]
             alone = [
                 model(**{k: v[i : i + 1] if k not in ("img_ids", "txt_ids") else v for k, v in inputs.items()}).sample
                 for i in (0, 1)
@@ -236,18 +237,15 @@ def test_catome_per_sample_on_flux_is_independent_of_batch_mates() -> None:
     assert not torch.allclose(*outs["max"], rtol=1e-4, atol=1e-5)
 
 
-def test_catome_per_sample_on_sd3_raises() -> None:
-    pipe = tiny_pipeline("tiny-sd3")
-    pipe.set_progress_bar_config(disable=True)
-    tm.apply(pipe, tm.CAToMe(threshold=0.0, batch="sample"))
-    with pytest.raises(ValueError, match="batch='min'"):
-        run(pipe)
-
-
 def test_todo_with_fused_projections_raises() -> None:
+    """At apply when fused before; when fused after apply, before the first denoiser call."""
     pipe = tiny_pipeline("tiny-sd15")
     pipe.set_progress_bar_config(disable=True)
     pipe.unet.fuse_qkv_projections()
+    with pytest.raises(ValueError, match="unfuse_qkv_projections"):
+        tm.apply(pipe, tm.ToDo(factor=2))
+    pipe.unet.unfuse_qkv_projections()
     tm.apply(pipe, tm.ToDo(factor=2))
+    pipe.unet.fuse_qkv_projections()
     with pytest.raises(ValueError, match="unfuse_qkv_projections"):
         run(pipe)

@@ -117,7 +117,7 @@ def test_parse_method() -> None:
     [
         ("nope:ratio=0.5", "unknown method 'nope'"),
         ("toma:speed=2", "toma has no option 'speed'"),
-        ("toma:ratio=1.5", r"ratio must be in \[0, 1\)"),
+        ("toma:ratio=1.5", r"ratio must be .*in \[0, 1\)"),
         ("toma:ratio", "expected OPTION=VALUE"),
         ("tomesd:ratio=fast", "tomesd:ratio=fast"),
     ],

@@ -173,7 +173,7 @@ def test_merged_block_matches_explicit_math(pipe) -> None:
     handle.remove()
     tm.remove(unet)
     block, x, enc = site.block, captured["x"], captured["kwargs"]["encoder_hidden_states"]
-    plan = method.plan(x, captured["hw"], {}, method.phase(0, None))
+    plan = method.plan(x, captured["hw"], method.new_cache(), method.phase(0, None))
     with torch.no_grad():
         h = x + plan.unmerge(block.attn1(plan.merge(block.norm1(x))))
         h = h + plan.unmerge(block.attn2(plan.merge(block.norm2(h)), encoder_hidden_states=enc))
@@ -186,7 +186,7 @@ def test_denoiser_module_and_manual_loop() -> None:
     unet = build_unet("tiny-sd15")
     inputs = unet_inputs(unet, 2, 16, 16)
     tm.apply(unet, tm.ToMA(ratio=0.5, dest_every=10, weight_every=10))
-    state = unet._tokenmerge
+    state = unet._tokenmerge.tracker
     with torch.no_grad():
         for t, step in [(900, 0), (900, 0), (600, 1), (300, 2), (950, 0)]:
             unet(**{**inputs, "timestep": torch.tensor(t)})
@@ -248,7 +248,7 @@ def test_invalid_targets_raise() -> None:
         tm.apply(nn.Linear(2, 2), tm.ToMA())
     with pytest.raises(ValueError, match="neither"):
         tm.apply(object(), tm.ToMA())
-    with pytest.raises(ValueError, match="tokenmerge method"):
+    with pytest.raises(TypeError, match="tokenmerge method"):
         tm.apply(build_unet("tiny-sd15"), 0.5)
 
 
@@ -294,7 +294,7 @@ def test_steps_follow_the_scheduler(scheduler: str) -> None:
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     tm.apply(pipe, tm.ToMA(ratio=0.5))
-    state = pipe.unet._tokenmerge
+    state = pipe.unet._tokenmerge.tracker
     seen: list[tuple[int, bool]] = []
     pipe.unet.register_forward_hook(lambda m, a, o: seen.append((state.step, state.driven)))
     generate(pipe, steps=4)

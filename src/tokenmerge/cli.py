@@ -1,4 +1,4 @@
-"""The ``tokenmerge`` command line: ``demo``, ``bench``, ``eval``, ``analyze`` and ``list``.
+"""The ``tokenmerge`` command line: ``demo``, ``bench``, ``eval``, ``pareto``, ``analyze`` and ``list``.
 
     tokenmerge demo --out results/demo   # every method on the packaged reference models: grid, speed, fidelity
     tokenmerge bench --arch sd15 --method toma:ratio=0.5 --method tomesd:ratio=0.5 --out results/bench
@@ -6,15 +6,21 @@
         --out results/eval
     tokenmerge eval ... --lpips-backbone alexnet.pth [--lpips-linear lpips_v0.1_alex.pth]   # + LPIPS
     accelerate launch --num_processes 8 -m tokenmerge.cli eval ...   # data parallel over prompts and seeds
+    tokenmerge pareto --model reference-unet --quick --out results/pareto   # speed-fidelity front of every method
     tokenmerge analyze --model path/to/pipeline --seeds 0 1 --steps 20 --tolerance 0.2 --out results/analysis
 
-Bad input prints one line, ``tokenmerge: error: ...``, on stderr and exits with status 2.
+Bad input prints one line, ``tokenmerge: error: ...``, on stderr and exits with status 2: arguments, method options,
+models that cannot be loaded, image sizes a pipeline cannot take, output folders that cannot be written (checked
+before any work), I/O errors, GPU out-of-memory errors, and a missing ``tokenmerge[harness]`` extra. ``--debug`` (or
+``TOKENMERGE_DEBUG=1``) raises them with their traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
+import os
 import platform
 import sys
 from datetime import datetime, timezone
@@ -24,8 +30,9 @@ from typing import Any, NoReturn
 import torch
 
 from tokenmerge.analysis import command as analyze_command
+from tokenmerge.errors import HarnessError, describe
+from tokenmerge.harness import pareto_command
 from tokenmerge.harness.registry import (
-    HarnessError,
     MethodSpec,
     architectures,
     build_architecture,
@@ -33,6 +40,20 @@ from tokenmerge.harness.registry import (
     parse_method,
 )
 from tokenmerge.reference import demo as demo_command
+
+#: Modules of the ``harness`` extra (pyproject.toml): what every command but ``list`` needs beyond the core.
+HARNESS_MODULES = (
+    "transformers",
+    "accelerate",
+    "torchmetrics",
+    "matplotlib",
+    "psutil",
+    "tqdm",
+    "numpy",
+    "PIL",
+    "safetensors",
+)
+INSTALL_HARNESS = 'pip install "tokenmerge[harness]"'
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,10 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="LPIPS v0.1 linear weights (alex.pth, lin0.model.1.weight ...); default: the lpips package's copy",
     )
     ev.add_argument("--grid-images", type=int, default=8, help="images per configuration in grid.png")
+    ev.add_argument(
+        "--warmup", type=int, default=1, help="untimed calls per configuration before the timed ones (default 1)"
+    )
 
     sub.add_parser("list", help="methods and their options, architectures, prompt sets")
     analyze_command.add_parser(sub)
     demo_command.add_parser(sub)
+    pareto_command.add_parser(sub)
+    debug = "raise errors with their traceback instead of one line (also: environment TOKENMERGE_DEBUG=1)"
+    parser.add_argument("--debug", action="store_true", help=debug)
+    for command in sub.choices.values():  # also after the subcommand; SUPPRESS keeps a --debug given before it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug)
     return parser
 
 
@@ -168,6 +197,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         target.info = dict(batch=args.batch, latent=size)
     else:
         pipe = models.load_pipeline(args.model, dtype)
+        models.check_image_size(pipe, args.height, args.width)
         target = bench.pipeline_target(name, pipe, args.prompt, args.steps, args.height, args.width, device)
     rows = bench.run_bench(
         target,
@@ -200,7 +230,9 @@ def _eval_loader(args: argparse.Namespace) -> Any:
         def load_tiny(device: torch.device) -> Any:
             from tokenmerge.archs import tiny_pipeline
 
-            pipe = tiny_pipeline(args.model).to(device)
+            pipe = tiny_pipeline(args.model)
+            models.check_image_size(pipe, args.height, args.width)
+            pipe = pipe.to(device)
             pipe = pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
             pipe.set_progress_bar_config(disable=True)
             return pipe
@@ -210,7 +242,13 @@ def _eval_loader(args: argparse.Namespace) -> Any:
         raise HarnessError(f"{args.model!r} holds a bare denoiser; eval needs a whole pipeline")
     if models.looks_like_path(args.model) and not Path(args.model).expanduser().exists():
         raise HarnessError(f"model path {args.model!r} does not exist")
-    return lambda device: models.load_pipeline(args.model, dtype).to(device)
+
+    def load(device: torch.device) -> Any:
+        pipe = models.load_pipeline(args.model, dtype)
+        models.check_image_size(pipe, args.height, args.width)
+        return pipe.to(device)
+
+    return load
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -225,6 +263,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     prompts = load_prompts(args.prompts, args.num_prompts)
     if len(set(args.seeds)) != len(args.seeds):
         raise HarnessError("--seeds must be distinct")
+    if args.warmup < 0:
+        raise HarnessError(f"--warmup must be >= 0, got {args.warmup}")
     if args.lpips_linear and not args.lpips_backbone:
         raise HarnessError("--lpips-linear needs --lpips-backbone")
     cfg = ev.EvalConfig(
@@ -239,6 +279,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         lpips_backbone=args.lpips_backbone,
         lpips_linear=args.lpips_linear,
         grid_items=args.grid_images,
+        warmup=args.warmup,
     )
     meta = _meta(args, model=args.model, prompt_set=args.prompts, methods=[s.label for s in specs])
     if args.lpips_backbone:
@@ -276,16 +317,58 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def missing_harness() -> list[str]:
+    """The modules of :data:`HARNESS_MODULES` that cannot be found (located without importing them)."""
+    missing = []
+    for name in HARNESS_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def _harness_error(names: list[str]) -> HarnessError:
+    return HarnessError(f"the command line needs the harness extra ({', '.join(names)} missing): {INSTALL_HARNESS}")
+
+
+def _fail(message: str) -> int:
+    print(f"tokenmerge: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``tokenmerge`` script; returns the exit status."""
+    """Entry point of the ``tokenmerge`` script; returns the exit status. Errors of bad input (:class:`HarnessError`,
+    a missing harness module, ``OSError``, a GPU out of memory) print one line and return 2; with ``--debug``, they
+    are raised."""
+    debug = os.environ.get("TOKENMERGE_DEBUG", "") not in ("", "0")
     try:
         args = build_parser().parse_args(argv)
+        debug = debug or args.debug
+        if args.command != "list" and (missing := missing_harness()):  # list reads only the core's registry
+            raise _harness_error(missing)
         commands = {"bench": cmd_bench, "eval": cmd_eval, "list": cmd_list, "analyze": analyze_command.run}
         commands["demo"] = demo_command.run
+        commands["pareto"] = pareto_command.run
         return commands[args.command](args)
     except HarnessError as exc:
-        print(f"tokenmerge: error: {exc}", file=sys.stderr)
-        return 2
+        if debug:
+            raise
+        return _fail(str(exc))
+    except ModuleNotFoundError as exc:
+        if debug or (exc.name or "").partition(".")[0] not in HARNESS_MODULES:
+            raise
+        return _fail(str(_harness_error([(exc.name or "").partition(".")[0]])))
+    except OSError as exc:
+        if debug:
+            raise
+        return _fail(f"{describe(exc)} (--debug shows where)")
+    except torch.cuda.OutOfMemoryError as exc:
+        if debug:
+            raise
+        return _fail(f"{describe(exc)} (try a smaller batch, image size or --dtype; --debug shows where)")
     except KeyboardInterrupt:
         print("tokenmerge: interrupted", file=sys.stderr)
         return 130

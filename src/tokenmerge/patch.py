@@ -1,14 +1,21 @@
-"""``apply`` / ``remove``: install a method on a pipeline or denoiser with removable torch hooks.
+"""``apply`` / ``remove``: install a method on a pipeline or denoiser with removable torch hooks; ``summary``.
 
 Hooks, not subclasses or processor swaps: the model's own attention processor (and so diffusers' attention
-backend dispatch) runs unchanged, on fewer tokens. Per denoiser call a pre-hook tracks the denoising step; per block a
-pre-hook plans the merge from the block's input; per merged sub-module a pre-hook merges its input and a post-hook
-unmerges its output before the residual add.
+backend dispatch) runs unchanged, on fewer tokens. Per denoiser call a pre-hook tracks the denoising step
+(:mod:`tokenmerge.steps`); per block a pre-hook plans the merge from the block's input; per merged sub-module a
+pre-hook merges its input and a post-hook unmerges its output before the residual add (:mod:`tokenmerge.hooks`).
+On a pipeline, wrappers on its scheduler and progress bar (:mod:`tokenmerge.lifecycle`) tell where each call's
+steps and loop start and end.
 """
 
 from __future__ import annotations
 
-import functools
+import copy
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -19,14 +26,16 @@ from tokenmerge.adapters.base import Adapter, Site
 from tokenmerge.adapters.dit import PixArtAdapter, SD3Adapter
 from tokenmerge.adapters.flux import FluxAdapter
 from tokenmerge.adapters.unet import UNetAdapter
-from tokenmerge.methods.base import Method, Plan
+from tokenmerge.hooks import BlockRun, install_block
+from tokenmerge.lifecycle import PipelineLink
+from tokenmerge.methods.base import Generation, Method, PlanCache
+from tokenmerge.plans import KVPlan, MergePlan
+from tokenmerge.steps import Change, StepTracker
+from tokenmerge.summary import Counters, Summary, Unmerged, summarize
+
+logger = logging.getLogger("tokenmerge")
 
 _ATTR = "_tokenmerge"
-#: diffusers attention processors that add ``attention_mask`` to the self-attention scores: the only ones a plan's
-#: ``key_bias`` can go to, unless the site's adapter passes it on itself (``Site.masks_keys``).
-PLAIN_PROCESSORS = frozenset(
-    {"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor", "AttnProcessorNPU"}
-)
 ADAPTERS: dict[str, type[Adapter]] = {
     "UNet2DConditionModel": UNetAdapter,
     "FluxTransformer2DModel": FluxAdapter,
@@ -54,361 +63,316 @@ def adapter_for(model: nn.Module) -> Adapter:
     raise ValueError(f"unsupported model {type(model).__name__}; supported: {', '.join(sorted(ADAPTERS))}")
 
 
-class MergeState:
-    """Everything ``apply`` installed on one denoiser, and the per-generation state it tracks."""
+def place(method: Method, adapter: Adapter) -> list[Site]:
+    """The sites ``method`` patches: at most ``max_downsample`` (``None``: the finest level that has attention),
+    then its ``blocks`` (or the adapter's default placement)."""
+    sites = adapter.sites()
+    finest = min((s.downsample for s in sites), default=1)
+    limit = finest if method.max_downsample is None else method.max_downsample
+    return adapter.select([s for s in sites if s.downsample <= limit], method.blocks)
 
-    def __init__(self, method: Method, adapter: Adapter, scheduler: Any | None) -> None:
+
+class Patch:
+    """Everything ``apply`` installed on one denoiser: the method, its blocks at run time, step tracking, the plan
+    caches of the current generation, the counters ``summary`` reports, and the hooks and wrappers to remove."""
+
+    def __init__(self, method: Method, adapter: Adapter) -> None:
         self.method = method
         self.adapter = adapter
-        self.scheduler = scheduler
-        sites = [s for s in adapter.sites() if s.downsample <= method.max_downsample]
-        self.sites = adapter.select(sites, method.blocks)  # DiTs: block index ranges per kind
+        self.runs = [BlockRun(site) for site in place(method, adapter)]
+        self.tracker = StepTracker(method)
+        self.generation = Generation()
+        self.caches: dict[str, PlanCache] = {}  # reuse group (or block) name -> cache, for this generation
+        self.counters = Counters()
+        self.warned: set[Unmerged] = set()
         self.handles: list[RemovableHandle] = []
-        self.num_steps: int | None = None  # steps of the scheduler's last set_timesteps (None for bare denoisers)
-        self.step_of_index: list[int] = []  # step of each index into the scheduler's timesteps
-        self.reset_state()
+        self.link: PipelineLink | None = None  # the pipeline's scheduler and progress bar, wrapped
 
-    def reset_state(self) -> None:
-        """Forget the step count and every cached plan: the next call starts a new generation."""
-        self.new_generation = True
-        self.driven = False  # steps set by the scheduler's step() or set_step(), not read from timesteps
-        self.key: tuple[int, ...] | None = None
-        self.timestep = 0.0
-        self.run_steps: int | None = None
-        self.first_index = 0
-        self.index = 0
-        self.caches: dict[str, dict[str, Any]] = {}
-        self.plans: dict[int, Plan | None] = {}
-        self.merging: dict[tuple[int, str], Plan] = {}  # (site, role) -> plan, while that role runs merged
-        self.set_step(0)
+    @property
+    def sites(self) -> list[Site]:
+        return [run.site for run in self.runs]
 
-    def set_step(self, step: int) -> None:
-        """Enter denoising ``step``: whether merging is active, the method's phase; nothing cached is fresh."""
-        self.step = step
-        self.active = self.method.active(step)
-        self.phase = self.method.phase(step, self.run_steps)
-        for cache in self.caches.values():
-            cache.pop("fresh", None)
+    @property
+    def name(self) -> str:
+        return type(self.adapter.model).__name__
 
-    def start_generation(self, key: tuple[int, ...]) -> None:
-        """Empty the caches for a new generation (or a new input shape) of ``key``-shaped calls."""
-        self.caches.clear()
-        self.run_steps = self.steps_to_run()
-        self.caches[""] = {"num_steps": self.run_steps}  # shared by every cache of this generation
-        self.key, self.new_generation = key, False
-        self.adapter.start_generation()
-        begin = getattr(self.scheduler, "begin_index", None)
-        self.first_index = self.index = begin if isinstance(begin, int) else 0
+    # ---- install / uninstall --------------------------------------------------------------------------------------
 
-    def begin_call(self, key: tuple[int, ...], timestep: Any) -> None:
-        """Track the step of a denoiser call of input shape ``key`` at ``timestep``.
-
-        Driven (a pipeline's scheduler between ``set_timesteps`` and its last ``step``, or :func:`set_step`): the
-        step is already set and the timestep is never read (no device sync: compiled models see only Python
-        constants); a new input shape empties the caches. Otherwise the step advances on a new timestep value, and a
-        reset, a new input shape (batch size or resolution) or a rising timestep start a new generation; repeated
-        calls at one timestep (separate guidance passes) share a step.
-        """
-        if self.driven:
-            if self.new_generation or key != self.key:
-                self.start_generation(key)
-                self.set_step(self.step)
-            return
-        t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        if self.new_generation or key != self.key or t > self.timestep:
-            self.start_generation(key)
-            self.set_step(0)
-        elif t != self.timestep:
-            self.set_step(self.step + 1)
-        self.timestep = t
-
-    def after_scheduler_step(self) -> None:
-        """The scheduler took a step: the next calls belong to the step of its next timestep (its ``step_index``,
-        or one more than before for schedulers without one); past its last timestep the run is over."""
-        if not self.driven:
-            return
-        index = getattr(self.scheduler, "step_index", None)
-        self.index = index if isinstance(index, int) else self.index + 1
-        if self.index >= len(self.step_of_index):
-            self.driven, self.new_generation = False, True
-        else:
-            self.set_step(self.step_of_index[self.index] - self.step_of_index[self.first_index])
-
-    def steps_to_run(self) -> int | None:
-        """Denoising steps of the generation starting now: the scheduler's step count less those an img2img
-        ``strength`` skips (the scheduler's ``begin_index``); ``None`` for a bare denoiser."""
-        begin = getattr(self.scheduler, "begin_index", None)
-        if self.num_steps is None or not isinstance(begin, int):
-            return self.num_steps
-        return max(1, self.num_steps - begin // max(1, int(getattr(self.scheduler, "order", 1))))
-
-    def install(self) -> None:
+    def install(self, pipeline: Any | None) -> None:
+        """Install the hooks (and on a ``pipeline``, the wrappers of its scheduler and progress bar)."""
         model = self.adapter.model
-        self.handles.append(model.register_forward_pre_hook(self._on_call, with_kwargs=True))
+        self.handles.append(model.register_forward_pre_hook(self.on_call, with_kwargs=True))
+        self.handles.append(model.register_forward_hook(self.on_return))
         self.handles += self.adapter.install_grid_hooks(self.sites)
-        for site in self.sites:
-            self.handles.append(site.block.register_forward_pre_hook(self._plan_hook(site), with_kwargs=True))
-            if self.method.keys_values:
-                for attention in site.self_attention:
-                    self.handles += self._kv_hooks(site, attention)
-                self.handles += self._map_hooks(site, "attn")
-                continue
-            for role in self.method.roles & site.modules.keys():
-                pre, post = self._merge_hooks(site, role)
-                module = site.modules[role]
-                self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-                self.handles.append(module.register_forward_hook(post, with_kwargs=True))
-            for role in self.method.roles & site.extra_modules.keys():
-                for module in site.extra_modules[role]:
-                    pre, post = self._merge_hooks(site, role)
-                    self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-                    self.handles.append(module.register_forward_hook(post, with_kwargs=True))
-            for role in self.method.roles & site.spans.keys():
-                self.handles += self._span_hooks(site, role)
-            for role in self.method.roles & (site.kwarg_maps.keys() | site.output_maps.keys()):
-                self.handles += self._map_hooks(site, role)
-        if self.scheduler is not None and hasattr(self.scheduler, "set_timesteps"):
-            self._wrap_scheduler()
-
-    def _wrap_scheduler(self) -> None:
-        """Wrap the scheduler's ``set_timesteps`` (a new generation: its step count and the step of every timestep
-        index) and ``step`` (the next step), as instance attributes that ``uninstall`` deletes."""
-        scheduler = self.scheduler
-        set_timesteps, step = scheduler.set_timesteps, getattr(scheduler, "step", None)
-
-        @functools.wraps(set_timesteps)
-        def wrapped_set_timesteps(*args: Any, **kwargs: Any) -> Any:
-            result = set_timesteps(*args, **kwargs)
-            timesteps = getattr(scheduler, "timesteps", None)
-            if isinstance(timesteps, torch.Tensor) and timesteps.numel():
-                new = torch.ones(timesteps.numel(), dtype=torch.long)
-                new[1:] = (timesteps[1:] != timesteps[:-1]).cpu()
-                self.step_of_index = (new.cumsum(0) - 1).tolist()  # repeated timesteps (Heun) share a step
-                self.num_steps = self.step_of_index[-1] + 1
-            else:
-                self.step_of_index, self.num_steps = [], None
-            self.new_generation, self.driven = True, bool(self.step_of_index) and callable(step)
-            self.set_step(0)
-            return result
-
-        wrapped_set_timesteps.__tokenmerge__ = True
-        scheduler.set_timesteps = wrapped_set_timesteps
-        if callable(step):
-
-            @functools.wraps(step)
-            def wrapped_step(*args: Any, **kwargs: Any) -> Any:
-                result = step(*args, **kwargs)
-                self.after_scheduler_step()
-                return result
-
-            wrapped_step.__tokenmerge__ = True
-            scheduler.step = wrapped_step
+        for run in self.runs:
+            self.handles += install_block(run, self, self.method.roles, self.method.keys_values)
+        if pipeline is not None:
+            self.link = PipelineLink(pipeline, self)
+        explain_placement(self.method, self.adapter, self.sites)
 
     def uninstall(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        for name in ("set_timesteps", "step"):
-            if self.scheduler is not None and getattr(vars(self.scheduler).get(name), "__tokenmerge__", False):
-                delattr(self.scheduler, name)
-        self.reset_state()
+        if self.link is not None:
+            self.link.uninstall()
+            self.link = None
+        self.finish_generation(report=False)
 
-    def _on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.begin_call(*self.adapter.call_inputs(args, kwargs))
+    def check(self) -> None:
+        check_model(self.method, self.sites)
 
-    def _plan_hook(self, site: Site):
-        def plan(block: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else kwargs["hidden_states"]
-            hw = site.grid.hw
-            ok = self.active and hw is not None and x.ndim == 3 and hw[0] * hw[1] == x.shape[1]
-            cache = self.caches.setdefault(site.name if self.method.cache_scope == "block" else site.group, {})
-            # one dict shared by every site for the whole generation (e.g. a random generator, the step count)
-            cache.setdefault("generation", self.caches[""])
-            self.plans[id(site)] = self.method.plan(x, hw, cache, self.phase) if ok else None
+    # ---- step tracking (denoiser hooks and pipeline events) -------------------------------------------------------
 
-        return plan
+    def on_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        key, timestep = self.adapter.call_inputs(args, kwargs)
+        change = self.tracker.begin_call(key, timestep)
+        if change is Change.GENERATION:
+            self.start_generation(key)
+        elif change is Change.STEP:
+            self.new_step()
+        if not torch.compiler.is_compiling():
+            self.counters.begin_call()
 
-    def _merge_hooks(self, site: Site, role: str):
-        stack: list[Plan | None] = []  # the pre-hook's decision, for the matching post-hook
+    def on_return(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if not torch.compiler.is_compiling():
+            self.counters.end_call(self.tracker.step)
 
-        def pre(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            plan = self.plans.get(id(site))
-            x = args[0] if args else kwargs.get("hidden_states")
-            if plan is None or not isinstance(x, torch.Tensor) or x.shape[1] != site.grid.hw[0] * site.grid.hw[1]:
-                stack.append(None)
-                return None
-            stack.append(plan)
-            self.merging[id(site), role] = plan
-            bias = getattr(plan, "key_bias", None) if role == "attn" and not site.masks_keys else None
-            if bias is not None:  # padded rows of a per-sample merge: masked out as keys
-                _check_key_bias(module, site)
-                kwargs = {**kwargs, "attention_mask": bias}
-            if args:
-                return (plan.merge(x), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": plan.merge(x)}
+    def start_generation(self, key: tuple[int, ...]) -> None:
+        """Calls of shape ``key`` start a generation (or a new input shape): every cache starts empty."""
+        if not torch.compiler.is_compiling():
+            self.report()
+            self.check()
+            self.counters.start_generation()
+        link = self.link
+        self.tracker.start_generation(key, link.begin_index() if link else None, link.order() if link else 1)
+        self.generation = Generation(num_steps=self.tracker.run_steps)
+        self.caches = {}
+        self.adapter.start_generation()
 
-        def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            plan = stack.pop() if stack else None
-            if plan is None:
-                return None
-            self.merging.pop((id(site), role), None)
-            return _on_image(output, plan.unmerge)
+    def new_step(self) -> None:
+        for cache in self.caches.values():
+            cache.fresh = False
 
-        return pre, post
+    def finish_generation(self, report: bool = True) -> None:
+        """The generation is over (its pipeline loop ended, or ``reset``): report it, drop every plan, and let the
+        next call start a new one."""
+        if report:
+            self.report()
+        self.tracker.reset()
+        self.caches, self.generation = {}, Generation()
+        for run in self.runs:
+            run.plan = None
+            run.running.clear()
 
-    def _span_hooks(self, site: Site, role: str) -> list[RemovableHandle]:
-        """Joint sequences ``[prefix, image]``: merge the image suffix of ``entry``'s output, unmerge that of
-        ``exit``'s output; the prefix (text) passes through."""
-        entry, exit_ = site.spans[role]
-        stack: list[tuple[Plan, int] | None] = []
+    def report(self) -> None:
+        """Warn (once per reason) if the generation that just ran merged nothing (unless the method merges nothing by
+        design: no roles, e.g. the analysis observer)."""
+        reasons = self.counters.take_generation_reasons()
+        for reason in reasons if self.method.roles else ():
+            if reason not in self.warned:
+                self.warned.add(reason)
+                _warn(f"{self.method.describe()} merged nothing in a generation of {self.name}: {reason.value}")
 
-        def merge(module: nn.Module, args: tuple, output: Any) -> Any:
-            plan, x = self.plans.get(id(site)), output[0] if isinstance(output, tuple) else output
-            n = site.grid.hw[0] * site.grid.hw[1] if site.grid.hw is not None else 0
-            ok = plan is not None and hasattr(plan, "merge") and isinstance(x, torch.Tensor) and x.ndim == 3
-            if not ok or not 0 < n <= x.shape[1]:
-                stack.append(None)
-                return None
-            if getattr(plan, "key_bias", None) is not None and not site.masks_keys:
-                _check_key_bias(None, site)
-            prefix = x.shape[1] - n
-            stack.append((plan, prefix))
-            self.merging[id(site), role] = plan
-            return _on_image(output, lambda t: torch.cat((t[:, :prefix], plan.merge(t[:, prefix:])), 1))
+    def scheduled(self, timesteps: torch.Tensor | None, can_step: bool) -> None:
+        self.finish_generation()
+        self.tracker.schedule(timesteps, can_step)
 
-        def unmerge(module: nn.Module, args: tuple, output: Any) -> Any:
-            top = stack.pop() if stack else None
-            if top is None:
-                return None
-            (plan, prefix), _ = top, self.merging.pop((id(site), role), None)
-            return _on_image(output, lambda t: torch.cat((t[:, :prefix], plan.unmerge(t[:, prefix:])), 1))
+    def stepped(self, step_index: int | None) -> None:
+        if self.tracker.stepped(step_index):
+            self.new_step()
 
-        return [entry.register_forward_hook(merge), exit_.register_forward_hook(unmerge)]
+    def loop_started(self) -> None:
+        self.check()
 
-    def _kv_hooks(self, site: Site, attention: nn.Module) -> list[RemovableHandle]:
-        """Keys/values plans: while ``attention`` runs a self-attention (``to_k``/``to_v`` take the very tensor
-        ``to_q`` took), the last ``H*W`` tokens of their input (the image) become the plan's ``kv`` of them; the
-        queries keep every token. Raises if an active plan found no such projections (fused or unknown ones)."""
-        state: dict[str, Any] = {}
+    def loop_ended(self) -> None:
+        self.finish_generation()
 
-        def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            plan = self.plans.get(id(site))
-            if plan is not None and hasattr(plan, "kv"):
-                state.update(plan=plan, queries=None, projected=0)
-                self.merging[id(site), "attn"] = plan
+    def set_step(self, step: int) -> None:
+        if step == 0:
+            self.finish_generation()
+        self.tracker.drive(step)
+        self.new_step()
 
-        def leave(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            plan, projected = state.pop("plan", None), state.pop("projected", 0)
-            state.pop("queries", None)
-            self.merging.pop((id(site), "attn"), None)
-            if plan is not None and projected < 2:
-                raise ValueError(
-                    f"{site.name}: {type(getattr(module, 'processor', None)).__name__} attention does not project "
-                    "keys and values through to_q/to_k/to_v from the same tokens (fused projections or not a "
-                    "self-attention): keys/values methods cannot run here (call unfuse_qkv_projections())"
-                )
+    # ---- planning (the blocks' pre-hooks) -------------------------------------------------------------------------
 
-        def queries(module: nn.Module, args: tuple) -> None:
-            if "plan" in state:
-                state["queries"] = args[0]
+    def plan_block(self, run: BlockRun, x: torch.Tensor) -> None:
+        """Plan ``run``'s block call from its input tokens ``x`` ``(B, N, C)``; record its tokens in and out."""
+        hw, method = run.site.grid.hw, self.method
+        plan, reason = None, None
+        if not self.tracker.active:
+            reason = Unmerged.STEPS
+        elif hw is None or x.ndim != 3 or hw[0] * hw[1] != x.shape[1]:
+            reason = Unmerged.GRID
+        else:
+            plan = method.plan(x, hw, self.cache(run.site), self.tracker.phase)
+            reason = None if plan is not None else Unmerged.PLAN
+            if plan is not None and not isinstance(plan, method.plan_type):
+                kind = method.plan_type.__name__
+                raise TypeError(f"{type(method).__name__}.plan returned a {type(plan).__name__}, not a {kind}")
+            if isinstance(plan, MergePlan) and plan.key_bias is not None and method.key_mask_option is None:
+                raise ValueError(f"{type(method).__name__} made a plan with a key_bias but sets no key_mask_option")
+        n = x.shape[1] if x.ndim == 3 else None
+        out = n if plan is None else plan.num_kv if isinstance(plan, KVPlan) else plan.num_merged
+        if plan is not None and n is not None and out >= n:
+            reason = Unmerged.KEEPS_ALL
+        run.plan, run.tokens_in, run.tokens_out = plan, n, out
+        if not torch.compiler.is_compiling():
+            self.counters.block(reason is None, reason)
 
-        def keys_values(module: nn.Module, args: tuple) -> tuple | None:
-            x, plan = args[0], state.get("plan")
-            n = site.grid.hw[0] * site.grid.hw[1] if site.grid.hw is not None else 0
-            if plan is None or x is not state.get("queries") or x.ndim != 3 or not 0 < n <= x.shape[1]:
-                return None
-            state["projected"] += 1
-            prefix = x.shape[1] - n
-            return (torch.cat((x[:, :prefix], plan.kv(x[:, prefix:])), 1), *args[1:])
+    def cache(self, site: Site) -> PlanCache:
+        key = site.name if self.method.cache_scope == "block" else site.group
+        cache = self.caches.get(key)
+        if cache is None:
+            cache = self.caches[key] = self.method.new_cache(self.generation)
+        return cache
 
-        handles = [
-            attention.register_forward_pre_hook(enter, with_kwargs=True),
-            attention.register_forward_hook(leave, with_kwargs=True),
-        ]
-        for name, hook in (("to_q", queries), ("to_k", keys_values), ("to_v", keys_values)):
-            projection = getattr(attention, name, None)
-            if isinstance(projection, nn.Module):
-                handles.append(projection.register_forward_pre_hook(hook))
-        return handles
+    # ---- summary, copies --------------------------------------------------------------------------------------------
 
-    def _map_hooks(self, site: Site, role: str) -> list[RemovableHandle]:
-        """While ``role`` runs merged: rewrite modules' keyword arguments / outputs with the site's maps."""
-        handles = []
-        for module, fn in site.kwarg_maps.get(role, ()):
+    def summary(self) -> Summary:
+        return summarize(self.name, self.method, self.runs, self.counters)
 
-            def pre(module: nn.Module, args: tuple, kwargs: dict, fn: Any = fn) -> tuple[tuple, dict] | None:
-                plan = self.merging.get((id(site), role))
-                return None if plan is None else (args, fn(kwargs, plan))
-
-            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        for module, fn in site.output_maps.get(role, ()):
-
-            def post(module: nn.Module, args: tuple, output: Any, fn: Any = fn) -> Any:
-                plan = self.merging.get((id(site), role))
-                return None if plan is None else fn(output, plan)
-
-            handles.append(module.register_forward_hook(post))
-        return handles
+    def __deepcopy__(self, memo: dict) -> Patch:
+        """A copy for a copied model: hooks and caches of its own. Copied with its pipeline, it follows the copied
+        pipeline; the denoiser copied alone tracks its steps as a bare denoiser (the pipeline stays with the
+        original)."""
+        if self.link is not None and id(self.link.pipeline) not in memo:
+            memo[id(self.link)] = None
+        new = object.__new__(Patch)
+        memo[id(self)] = new
+        for name, value in vars(self).items():
+            setattr(new, name, copy.deepcopy(value, memo))
+        if new.link is None:
+            new.finish_generation(report=False)
+        return new
 
 
-def _check_key_bias(module: nn.Module | None, site: Site) -> None:
-    processor = type(getattr(module, "processor", None)).__name__
-    if processor not in PLAIN_PROCESSORS:
-        raise ValueError(
-            f"{site.name}: this plan pads rows that must be masked as keys, which {processor} attention cannot take "
-            "(e.g. CA-ToMe batch='sample' on a joint-attention model): use batch='min' or batch='max' here"
+def check_model(method: Method, sites: list[Site]) -> None:
+    """What depends on the model and its attention backends: raise ``ValueError`` naming the option (at ``apply``, and
+    again when a pipeline loop or a bare denoiser's generation starts: backends can change in between)."""
+    option = method.key_mask_option
+    if option is not None and "attn" in method.roles:
+        for site in sites:
+            problem = site.key_mask_problem()
+            if problem is not None:
+                raise ValueError(f"{method.describe()}: {option[0]} needs a key mask, but {problem}: {option[1]}")
+    for site in sites if method.keys_values else ():
+        processor = site.fused_projections()
+        if processor is not None:
+            raise ValueError(
+                f"{method.describe()}: {site.name} runs fused query/key/value projections ({processor}); keys/values "
+                "methods need separate to_k/to_v (call unfuse_qkv_projections())"
+            )
+
+
+def explain_placement(method: Method, adapter: Adapter, sites: list[Site]) -> None:
+    """Log what ``apply`` patched; warn, naming the option, when it patched nothing."""
+    model = type(adapter.model).__name__
+    if sites:
+        groups = ", ".join(f"{g} {n}" for g, n in Counter(s.group for s in sites).items())
+        logger.info("%s patched %d blocks of %s (%s)", method.describe(), len(sites), model, groups)
+        return
+    candidates = adapter.sites()
+    limit = method.max_downsample
+    if not candidates:
+        why = "it has no transformer blocks"
+    elif limit is not None and all(s.downsample > limit for s in candidates):
+        finest = min(s.downsample for s in candidates)
+        why = (
+            f"max_downsample={limit} is finer than its finest level with attention (downsample {finest}): set "
+            f"max_downsample={finest} or more, or None"
         )
+    else:
+        kinds = ", ".join(f"{k}: {n} blocks" for k, n in Counter(s.kind for s in candidates).items())
+        why = f"blocks={method.blocks!r} selects none of its blocks ({kinds}): change blocks="
+    _warn(f"{method.describe()} patches no block of this {model}: {why}")
 
 
-def _on_image(output: Any, fn: Any) -> Any:
-    """Apply ``fn`` to a module output, or to the first element (the image tokens) of a tuple output."""
-    return (fn(output[0]), *output[1:]) if isinstance(output, tuple) else fn(output)
+def _warn(message: str) -> None:
+    logger.warning("%s", message)
+    warnings.warn(f"tokenmerge: {message}", UserWarning, stacklevel=3)
+
+
+def _patch(obj: Any) -> Patch | None:
+    return vars(find_denoiser(obj)).get(_ATTR)
 
 
 def apply(obj: Any, method: Method) -> Any:
     """Patch a diffusers pipeline (or its denoiser module) in place with ``method``; returns ``obj``.
 
     Applying again replaces the previous patch. A method that changes nothing (ratio 0) leaves the model unpatched.
+    Raises ``ValueError`` when the method cannot run on this model or its attention backend (e.g. a key mask where
+    the attention takes none), before anything changes (a previous patch stays); warns when its options patch no
+    block.
     """
     if not isinstance(method, Method):
-        raise ValueError(f"expected a tokenmerge method such as tm.ToMA(...), got {type(method).__name__}")
+        raise TypeError(f"expected a tokenmerge method such as tm.ToMA(...), got {type(method).__name__}")
     model = find_denoiser(obj)
     adapter = adapter_for(model)
+    patch = None if method.is_identity else Patch(method, adapter)
+    if patch is not None:
+        patch.check()
     remove(obj)
-    if method.is_identity:
+    if patch is None:
+        logger.info("%s changes nothing: %s left unpatched", method.describe(), type(model).__name__)
         return obj
-    state = MergeState(method, adapter, None if obj is model else getattr(obj, "scheduler", None))
-    state.install()
-    setattr(model, _ATTR, state)
+    patch.install(None if isinstance(obj, nn.Module) else obj)
+    setattr(model, _ATTR, patch)
     return obj
 
 
 def remove(obj: Any) -> Any:
     """Undo :func:`apply`: every hook and wrapper removed, the model exactly as it was. No-op if not patched."""
     model = find_denoiser(obj)
-    state = vars(model).get(_ATTR)
-    if state is not None:
-        state.uninstall()
+    patch = vars(model).get(_ATTR)
+    if patch is not None:
+        patch.uninstall()
         delattr(model, _ATTR)
     return obj
+
+
+def is_applied(obj: Any) -> bool:
+    """Whether ``obj``'s denoiser is patched by :func:`apply`."""
+    return _patch(obj) is not None
+
+
+@contextmanager
+def applied(obj: Any, method: Method) -> Iterator[Any]:
+    """``with tm.applied(pipe, method):`` — patched inside the block; on leaving it, however, the patch is removed
+    and a method applied before is applied again."""
+    before = _patch(obj)
+    apply(obj, method)  # raises before anything changes
+    try:
+        yield obj
+    finally:
+        remove(obj)
+        if before is not None:
+            apply(obj, before.method)
+
+
+def summary(obj: Any) -> Summary:
+    """What is patched on ``obj``'s denoiser and what it did: blocks per group, tokens in and out of every patched
+    block at its last call, denoiser calls merged and unmerged (with why), steps merged of the steps run. ``print``
+    it for a table. Counters are plain Python ints kept by the hooks (no device reads), in eager mode."""
+    patch = _patch(obj)
+    if patch is None:
+        return Summary(model=type(find_denoiser(obj)).__name__, method=None)
+    return patch.summary()
 
 
 def set_step(obj: Any, step: int) -> None:
     """Drive the step yourself: the denoiser calls that follow belong to denoising ``step`` (0 starts a new
     generation) until the next ``set_step`` or :func:`reset`. No timestep is read from the device, so a compiled
     denoiser in a custom loop sees Python constants only. Pipelines do this by themselves (through their scheduler)."""
-    if int(step) != step or step < 0:
+    if isinstance(step, bool) or int(step) != step or step < 0:
         raise ValueError(f"step must be a non-negative integer, got {step!r}")
-    state = vars(find_denoiser(obj)).get(_ATTR)
-    if state is not None:
-        state.driven = True
-        if step == 0:
-            state.new_generation = True
-        state.set_step(int(step))
+    patch = _patch(obj)
+    if patch is not None:
+        patch.set_step(int(step))
 
 
 def reset(obj: Any) -> None:
     """Start a new generation at the next call (pipelines do this themselves; for direct denoiser loops)."""
-    state = vars(find_denoiser(obj)).get(_ATTR)
-    if state is not None:
-        state.reset_state()
+    patch = _patch(obj)
+    if patch is not None:
+        patch.finish_generation()

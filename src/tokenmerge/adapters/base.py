@@ -5,13 +5,21 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 #: Block placement: kind -> half-open index ranges ``((start, stop), ...)``, ``stop`` None = to the end.
 Blocks = Mapping[str, tuple[tuple[int, int | None], ...]]
+#: diffusers attention processors that run ``F.scaled_dot_product_attention`` with ``attention_mask`` added to the
+#: self-attention scores: a plan's ``key_bias`` can go to them as that mask.
+PLAIN_PROCESSORS = frozenset(
+    {"AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor", "AttnProcessorNPU"}
+)
+#: diffusers attention backends (``model.set_attention_backend`` / ``attention_backend(...)``) that add a float
+#: ``attn_mask`` to the scores; flash, sage, XLA and the rest take none.
+MASK_BACKENDS = frozenset({"native", "_native_math", "_native_efficient", "_native_cudnn", "flex", "xformers"})
 
 
 @dataclass(eq=False)
@@ -21,9 +29,9 @@ class GridSlot:
     hw: tuple[int, int] | None = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class Site:
-    """One transformer block that can run on merged tokens.
+    """One transformer block that can run on merged tokens (keyword-only fields).
 
     ``modules`` maps a role (``attn``, ``cross``, ``mlp``) to the sub-module whose first input is the block's
     ``(B, N, C)`` image tokens and whose output is added back to the residual stream. ``group`` names the reuse group
@@ -64,27 +72,79 @@ class Site:
     masks_keys: bool = False
     self_attention: list[nn.Module] = field(default_factory=list)
 
+    def attention_modules(self) -> list[nn.Module]:
+        """The modules that compute this block's merged self-attention (the ``attn`` role)."""
+        if "attn" in self.modules:
+            return [self.modules["attn"], *self.extra_modules.get("attn", ())]
+        return list(self.self_attention)
+
+    def key_mask_problem(self) -> str | None:
+        """Why this block's self-attention cannot take a key mask (a plan's ``key_bias``), or ``None`` if it can.
+
+        A plain processor (:data:`PLAIN_PROCESSORS`) adds ``attention_mask`` to its scores; so does a site that passes
+        the mask itself (``masks_keys``) to a processor on a :data:`MASK_BACKENDS` backend. The backend is the
+        processor's own (``model.set_attention_backend``) or else the active one (``attention_backend(...)``).
+        """
+        for attention in self.attention_modules():
+            processor = getattr(attention, "processor", None)
+            name, backend = type(processor).__name__, attention_backend(processor)
+            if name not in PLAIN_PROCESSORS and not self.masks_keys:
+                return f"{self.name}: its {name} attention takes no attention mask"
+            if backend is not None and backend not in MASK_BACKENDS:
+                return f"{self.name}: the {backend!r} attention backend of its {name} takes no attention mask"
+        return None
+
+    def fused_projections(self) -> str | None:
+        """The processor of a self-attention here whose query/key/value projections run fused (one ``to_qkv``, which
+        keys/values plans cannot hook), or ``None``. diffusers' legacy ``Attention`` fuses by switching to a
+        ``Fused*`` processor (``unfuse`` switches back); the newer attention modules (Flux) read their
+        ``fused_projections`` flag."""
+        from diffusers.models.attention_processor import Attention
+
+        for attention in self.self_attention:
+            processor = type(getattr(attention, "processor", None)).__name__
+            flag = getattr(attention, "fused_projections", False) and not isinstance(attention, Attention)
+            if processor.startswith("Fused") or flag:
+                return processor
+        return None
+
+
+def attention_backend(processor: Any) -> str | None:
+    """The diffusers attention backend a processor dispatches to (its own, else the active one), or ``None`` for
+    processors that call ``F.scaled_dot_product_attention`` themselves."""
+    if not hasattr(processor, "_attention_backend"):
+        return None
+    backend = processor._attention_backend
+    if backend is None:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+        backend = _AttentionBackendRegistry._active_backend
+    return str(getattr(backend, "value", backend))
+
 
 class Adapter(ABC):
     """Knows where a denoiser's blocks, grids and call arguments are; one subclass per model family."""
 
-    #: Block kind -> index ranges ``((start, stop), ...)`` (half-open, ``stop`` None = to the end) merged when a
-    #: method sets no ``blocks``; kinds absent here cannot be placed by index (UNet: placement by ``max_downsample``).
-    default_blocks: ClassVar[Blocks] = {}
-
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
+    def default_blocks(self) -> Blocks:
+        """Block kind -> index ranges ``((start, stop), ...)`` (half-open, ``stop`` None = to the end) merged when a
+        method sets no ``blocks``; kinds absent here cannot be placed by index (UNet: placement by
+        ``max_downsample``)."""
+        return {}
+
     def select(self, sites: list[Site], blocks: Blocks | None) -> list[Site]:
         """The sites to patch: those whose ``index`` lies in a range of their ``kind`` (``blocks`` overrides
-        :attr:`default_blocks` per kind); sites without a kind are always kept. Raises ``ValueError`` on unknown
+        :meth:`default_blocks` per kind); sites without a kind are always kept. Raises ``ValueError`` on unknown
         kinds and on ranges past a kind's block count."""
         blocks = dict(blocks or {})
-        unknown = blocks.keys() - self.default_blocks.keys()
+        defaults = self.default_blocks()
+        unknown = blocks.keys() - defaults.keys()
         if unknown:
-            known = ", ".join(sorted(self.default_blocks)) or "none: this model is placed by max_downsample"
+            known = ", ".join(sorted(defaults)) or "none: this model is placed by max_downsample"
             raise ValueError(f"unknown block kinds {sorted(unknown)} for {type(self.model).__name__}; kinds: {known}")
-        ranges = {**self.default_blocks, **blocks}
+        ranges = {**defaults, **blocks}
         counts: dict[str, int] = {}
         for site in sites:
             if site.kind is not None:
@@ -117,3 +177,8 @@ class Adapter(ABC):
     def call_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], Any]:
         """``(input shape, timestep)`` of a denoiser call, from its forward arguments; the timestep as given (a
         tensor or a number), so that nothing is read from the device unless the caller needs its value."""
+
+
+def call_arg(args: tuple, kwargs: dict, name: str, index: int) -> Any:
+    """Forward argument ``name`` (keyword) or at position ``index``, or ``None``."""
+    return kwargs[name] if name in kwargs else (args[index] if len(args) > index else None)

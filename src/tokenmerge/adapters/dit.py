@@ -11,13 +11,13 @@ latent the model is called with (patch size ``p`` from the model config).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenmerge.adapters.base import Adapter, Blocks, GridSlot, Site
+from tokenmerge.adapters.base import Adapter, Blocks, GridSlot, Site, call_arg
 
 
 class _PatchGridAdapter(Adapter):
@@ -41,32 +41,34 @@ class _PatchGridAdapter(Adapter):
             attention = [modules["attn"], *extra.get("attn", ())]
             sites.append(
                 Site(
-                    name,
-                    block,
-                    modules,
-                    self.kind,
-                    1,
-                    self.slot,
-                    self.kind,
-                    i,
+                    name=name,
+                    block=block,
+                    modules=modules,
+                    group=self.kind,
+                    downsample=1,
+                    grid=self.slot,
+                    kind=self.kind,
+                    index=i,
                     extra_modules=extra,
                     self_attention=attention,
                 )
             )
         return sites
 
+    def default_blocks(self) -> Blocks:
+        return {self.kind: ((0, None),)}  # every block
+
     def install_grid_hooks(self, sites: list[Site]) -> list[RemovableHandle]:
-        slot, p = self.slot, int(self.model.config.patch_size)
+        return [self.model.register_forward_pre_hook(self.record_grid, with_kwargs=True)]
 
-        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = _arg(args, kwargs, "hidden_states", 0)
-            ok = isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[-2] >= p and x.shape[-1] >= p
-            slot.hw = (x.shape[-2] // p, x.shape[-1] // p) if ok else None
-
-        return [self.model.register_forward_pre_hook(record, with_kwargs=True)]
+    def record_grid(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Pre-hook of the model: the patch grid of its 4D latent."""
+        x, p = call_arg(args, kwargs, "hidden_states", 0), int(self.model.config.patch_size)
+        ok = isinstance(x, torch.Tensor) and x.ndim == 4 and x.shape[-2] >= p and x.shape[-1] >= p
+        self.slot.hw = (x.shape[-2] // p, x.shape[-1] // p) if ok else None
 
     def call_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], Any]:
-        x, t = _arg(args, kwargs, "hidden_states", 0), _arg(args, kwargs, "timestep", self.timestep_index)
+        x, t = call_arg(args, kwargs, "hidden_states", 0), call_arg(args, kwargs, "timestep", self.timestep_index)
         if not isinstance(x, torch.Tensor) or t is None:
             raise ValueError(f"{type(self.model).__name__} call without hidden_states or timestep")
         return tuple(x.shape), t
@@ -77,7 +79,6 @@ class SD3Adapter(_PatchGridAdapter):
     and ``mlp`` (the image feed-forward). Every block by default."""
 
     kind = "joint"
-    default_blocks: ClassVar[Blocks] = {"joint": ((0, None),)}
 
     def block_modules(self, block: nn.Module) -> tuple[dict[str, nn.Module], dict[str, list[nn.Module]]]:
         extra = {"attn": [block.attn2]} if getattr(block, "attn2", None) is not None else {}
@@ -90,14 +91,9 @@ class PixArtAdapter(_PatchGridAdapter):
 
     kind = "blocks"
     timestep_index = 2
-    default_blocks: ClassVar[Blocks] = {"blocks": ((0, None),)}
 
     def block_modules(self, block: nn.Module) -> tuple[dict[str, nn.Module], dict[str, list[nn.Module]]]:
         modules = {"attn": block.attn1, "mlp": block.ff}
         if getattr(block, "attn2", None) is not None:
             modules["cross"] = block.attn2
         return modules, {}
-
-
-def _arg(args: tuple, kwargs: dict, name: str, index: int) -> Any:
-    return kwargs[name] if name in kwargs else (args[index] if len(args) > index else None)

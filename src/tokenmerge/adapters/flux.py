@@ -17,17 +17,23 @@ diffusers' attention dispatch, unchanged.
 
 Token grid: from ``img_ids`` (row, column per packed token); a layout that is not one row-major ``H x W`` grid
 (e.g. Kontext's extra reference-image tokens) is left unmerged.
+
+Default placement scales with depth: the first ``round(5 * n / 19)`` of ``n`` double-stream blocks and the first
+``round(5 * n / 38)`` of ``n`` single-stream blocks stay full (Flux.1's 19 + 38 blocks: five of each, the ToMA
+reference placement; a 2 + 4-block model: one of each; a kind of one block: none).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenmerge.adapters.base import Adapter, Blocks, GridSlot, Site
+from tokenmerge.adapters.base import Adapter, Blocks, GridSlot, Site, call_arg
+from tokenmerge.plans import KVPlan
 
 
 class RotarySlot(GridSlot):
@@ -51,16 +57,10 @@ class RotarySlot(GridSlot):
             return memo[2]
         n = self.hw[0] * self.hw[1]
         image = tuple(f[f.shape[0] - n :] for f in self.freqs)
-        index = getattr(plan, "kv_index", None) if side == "k" else None
-        if hasattr(plan, "kv"):
-            out = image if index is None else tuple(f[index.to(f.device)] for f in image)
+        if isinstance(plan, KVPlan):
+            out = image if side == "q" else tuple(f[plan.kv_index.to(f.device)] for f in image)
         else:
-            dest = getattr(plan, "dest", None)
-            if not isinstance(dest, torch.Tensor):
-                raise ValueError(
-                    f"{type(plan).__name__} gives no merged-token positions (dest); rotary models need them"
-                )
-            out = tuple(f[dest.to(f.device)] for f in image)
+            out = tuple(f[plan.dest.to(f.device)] for f in image)
         self._memo[side] = (plan, self.freqs, out)
         return out
 
@@ -97,25 +97,34 @@ def grid_from_ids(ids: torch.Tensor, n: int) -> tuple[int, int] | None:
     return (h, w) if torch.equal(rows, r) and torch.equal(cols, c) else None
 
 
+#: Full blocks at the start of each kind on Flux.1 (19 double-stream, 38 single-stream blocks): the ToMA reference.
+REFERENCE_FULL = {"double": (5, 19), "single": (5, 38)}
+
+
+def default_full(kind: str, count: int) -> int:
+    """How many of the first ``count`` blocks of ``kind`` stay full by default: Flux.1's five of 19 (double) and five
+    of 38 (single), scaled to the model's depth, ``round(5 * count / 19)`` and ``round(5 * count / 38)``."""
+    full, depth = REFERENCE_FULL[kind]
+    return round(full * count / depth)
+
+
 class FluxAdapter(Adapter):
     """Sites ``transformer_blocks.i`` (kind/group ``double``) and ``single_transformer_blocks.i`` (``single``),
-    at downsample 1; by default the first five of each kind stay full (the ToMA reference placement)."""
-
-    default_blocks: ClassVar[Blocks] = {"double": ((5, None),), "single": ((5, None),)}
+    at downsample 1; by default the first blocks of each kind stay full (:func:`default_full`)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self.slot = RotarySlot()
 
+    def default_blocks(self) -> Blocks:
+        counts = {"double": len(self.model.transformer_blocks), "single": len(self.model.single_transformer_blocks)}
+        return {kind: ((default_full(kind, n), None),) for kind, n in counts.items()}
+
     def sites(self) -> list[Site]:
         slot = self.slot
-        attention_kwargs = _attention_kwargs(slot)
-        img_q, img_k, txt = (
-            _rotary_hook(slot, "image", "q"),
-            _rotary_hook(slot, "image", "k"),
-            _rotary_hook(slot, "text", "q"),
-        )
-        joint_q, joint_k = _rotary_hook(slot, "joint", "q"), _rotary_hook(slot, "joint", "k")
+        attention_kwargs = AttentionKwargs(slot)
+        img_q, img_k, txt = RotaryMap(slot, "image", "q"), RotaryMap(slot, "image", "k"), RotaryMap(slot, "text", "q")
+        joint_q, joint_k = RotaryMap(slot, "joint", "q"), RotaryMap(slot, "joint", "k")
         sites = []
         for i, block in enumerate(self.model.transformer_blocks):
             attn = block.attn
@@ -123,12 +132,12 @@ class FluxAdapter(Adapter):
             maps = list(zip(norms, (img_q, img_k, txt, txt), strict=True))
             sites.append(
                 Site(
-                    f"transformer_blocks.{i}",
-                    block,
-                    {"attn": attn},
-                    "double",
-                    1,
-                    slot,
+                    name=f"transformer_blocks.{i}",
+                    block=block,
+                    modules={"attn": attn},
+                    group="double",
+                    downsample=1,
+                    grid=slot,
                     kind="double",
                     index=i,
                     kwarg_maps={"attn": [(attn, attention_kwargs)]},
@@ -139,23 +148,20 @@ class FluxAdapter(Adapter):
             )
         for i, block in enumerate(self.model.single_transformer_blocks):
             attn = block.attn
+            maps = [(getattr(attn, "norm_q", None), joint_q), (getattr(attn, "norm_k", None), joint_k)]
             sites.append(
                 Site(
-                    f"single_transformer_blocks.{i}",
-                    block,
-                    {},
-                    "single",
-                    1,
-                    slot,
+                    name=f"single_transformer_blocks.{i}",
+                    block=block,
+                    modules={},
+                    group="single",
+                    downsample=1,
+                    grid=slot,
                     kind="single",
                     index=i,
                     spans={"attn": (block.norm, block.proj_out)},
                     kwarg_maps={"attn": [(attn, attention_kwargs)]},
-                    output_maps={
-                        "attn": _checked(
-                            [(getattr(attn, "norm_q", None), joint_q), (getattr(attn, "norm_k", None), joint_k)]
-                        )
-                    },
+                    output_maps={"attn": _checked(maps)},
                     masks_keys=True,
                     self_attention=[attn],
                 )
@@ -163,31 +169,31 @@ class FluxAdapter(Adapter):
         return sites
 
     def install_grid_hooks(self, sites: list[Site]) -> list[RemovableHandle]:
-        slot = self.slot
-
-        def record_grid(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x, ids = _arg(args, kwargs, "hidden_states", 0), _arg(args, kwargs, "img_ids", 4)
-            ok = isinstance(x, torch.Tensor) and x.ndim == 3 and isinstance(ids, torch.Tensor)
-            if not ok:
-                slot.hw = None
-            elif not slot.current or not torch.compiler.is_compiling():  # compiled: once per generation
-                slot.hw, slot.current = _eager_grid(ids, x.shape[1]), True
-            slot.freqs = None
-
-        def record_freqs(module: nn.Module, args: tuple, output: Any) -> None:
-            ok = isinstance(output, tuple) and len(output) == 2 and all(isinstance(f, torch.Tensor) for f in output)
-            slot.freqs = output if ok and output[0].ndim == 2 else None
-
         return [
-            self.model.register_forward_pre_hook(record_grid, with_kwargs=True),
-            self.model.pos_embed.register_forward_hook(record_freqs),
+            self.model.register_forward_pre_hook(self.record_grid, with_kwargs=True),
+            self.model.pos_embed.register_forward_hook(self.record_freqs),
         ]
+
+    def record_grid(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Pre-hook of the model: the grid from ``img_ids`` (compiled: once per generation)."""
+        slot = self.slot
+        x, ids = call_arg(args, kwargs, "hidden_states", 0), call_arg(args, kwargs, "img_ids", 4)
+        if not (isinstance(x, torch.Tensor) and x.ndim == 3 and isinstance(ids, torch.Tensor)):
+            slot.hw = None
+        elif not slot.current or not torch.compiler.is_compiling():
+            slot.hw, slot.current = _eager_grid(ids, x.shape[1]), True
+        slot.freqs = None
+
+    def record_freqs(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Forward hook of ``pos_embed``: the rotary tables ``(cos, sin)`` of this call."""
+        ok = isinstance(output, tuple) and len(output) == 2 and all(isinstance(f, torch.Tensor) for f in output)
+        self.slot.freqs = output if ok and output[0].ndim == 2 else None
 
     def start_generation(self) -> None:
         self.slot.current = False
 
     def call_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], Any]:
-        x, t = _arg(args, kwargs, "hidden_states", 0), _arg(args, kwargs, "timestep", 3)
+        x, t = call_arg(args, kwargs, "hidden_states", 0), call_arg(args, kwargs, "timestep", 3)
         if not isinstance(x, torch.Tensor) or t is None:
             raise ValueError("FluxTransformer2DModel call without hidden_states or timestep")
         return tuple(x.shape), t
@@ -201,37 +207,45 @@ def _eager_grid(ids: torch.Tensor, n: int) -> tuple[int, int] | None:
     return grid_from_ids(ids, n)
 
 
-def _attention_kwargs(slot: RotarySlot):
+@dataclass(eq=False)
+class AttentionKwargs:
     """Keyword map of a merged block's attention: no rotary tables (the norm hooks rotate per sample instead), and a
     plan's ``key_bias`` ``(B, 1, K)`` as an ``attention_mask`` ``(B, 1, 1, T + K)`` over ``[text, image]`` keys."""
 
-    def attention_kwargs(kwargs: dict, plan: Any) -> dict:
+    slot: RotarySlot
+
+    def __call__(self, kwargs: dict, plan: Any) -> dict:
+        slot = self.slot
         if kwargs.get("image_rotary_emb") is None:
             return kwargs
         if slot.freqs is None or slot.hw is None:
             raise ValueError("Flux rotary tables were not recorded from pos_embed; cannot merge this call")
         kwargs = {**kwargs, "image_rotary_emb": None}
-        bias = getattr(plan, "key_bias", None)
+        bias = None if isinstance(plan, KVPlan) else plan.key_bias
         if bias is not None:
             text = slot.freqs[0].shape[0] - slot.hw[0] * slot.hw[1]
             kwargs["attention_mask"] = torch.cat((bias.new_zeros(bias.shape[0], 1, text), bias), -1).unsqueeze(1)
         return kwargs
 
-    return attention_kwargs
 
-
-def _rotary_hook(slot: RotarySlot, part: str, side: str):
+@dataclass(eq=False)
+class RotaryMap:
     """Output map of a query (``side="q"``) or key (``"k"``) norm ``(B, S, heads, D)``: rotate ``image``
     (``S`` image tokens as the attention sees them), ``text`` (``S = T``) or ``joint`` (``S = T + image``, text
     first) tokens by their positions (see :meth:`RotarySlot.image_freqs`)."""
 
-    def hook(out: torch.Tensor, plan: Any) -> torch.Tensor:
+    slot: RotarySlot
+    part: str
+    side: str
+
+    def __call__(self, out: torch.Tensor, plan: Any) -> torch.Tensor:
+        slot = self.slot
         if slot.freqs is None or slot.hw is None:
             return out
-        if part == "text":
+        if self.part == "text":
             return rotate(out, *slot.text_freqs())
-        cos, sin = slot.image_freqs(plan, side)
-        if part == "joint":
+        cos, sin = slot.image_freqs(plan, self.side)
+        if self.part == "joint":
             t_cos, t_sin = slot.text_freqs()
             if out.shape[1] != t_cos.shape[0] + cos.shape[-2]:
                 raise ValueError(f"joint sequence of {out.shape[1]} tokens does not hold {t_cos.shape[0]} text tokens")
@@ -240,15 +254,9 @@ def _rotary_hook(slot: RotarySlot, part: str, side: str):
             cos, sin = torch.cat((t_cos, cos), -2), torch.cat((t_sin, sin), -2)
         return rotate(out, cos, sin)
 
-    return hook
-
 
 def _checked(maps: list[tuple[Any, Any]]) -> list[tuple[nn.Module, Any]]:
     for module, _ in maps:
         if not isinstance(module, nn.Module):
             raise ValueError("Flux attention without query/key norm modules is not supported (rotary hooks need them)")
     return maps
-
-
-def _arg(args: tuple, kwargs: dict, name: str, index: int) -> Any:
-    return kwargs[name] if name in kwargs else (args[index] if len(args) > index else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -9,6 +10,17 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from tokenmerge.adapters.base import Adapter, GridSlot, Site
+
+
+@dataclass(eq=False)
+class GridRecorder:
+    """Pre-hook of a ``Transformer2DModel``: its 4D input's ``(H, W)`` into ``slot`` (``None`` for other inputs)."""
+
+    slot: GridSlot
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs["hidden_states"]
+        self.slot.hw = tuple(x.shape[-2:]) if isinstance(x, torch.Tensor) and x.ndim == 4 else None
 
 
 class UNetAdapter(Adapter):
@@ -20,7 +32,7 @@ class UNetAdapter(Adapter):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        self._owners: dict[int, nn.Module] = {}
+        self._owners: list[tuple[GridSlot, nn.Module]] = []  # each slot and the Transformer2DModel that fills it
 
     def sites(self) -> list[Site]:
         unet = self.model
@@ -29,30 +41,35 @@ class UNetAdapter(Adapter):
         if unet.mid_block is not None:
             stages.append(("mid_block", unet.mid_block, "mid", 2 ** (n - 1)))
         stages += [(f"up_blocks.{i}", b, "up", 2 ** (n - 1 - i)) for i, b in enumerate(unet.up_blocks)]
-        sites = []
+        sites, self._owners = [], []
         for name, stage, path, downsample in stages:
             for j, attention in enumerate(getattr(stage, "attentions", None) or ()):
                 slot = GridSlot()
-                self._owners[id(slot)] = attention
+                self._owners.append((slot, attention))
                 for k, block in enumerate(getattr(attention, "transformer_blocks", ())):
                     modules = {"attn": block.attn1, "mlp": block.ff}
                     if getattr(block, "attn2", None) is not None:
                         modules["cross"] = block.attn2
-                    label = f"{name}.attentions.{j}.transformer_blocks.{k}"
-                    group = f"{path}{downsample}"
-                    sites.append(Site(label, block, modules, group, downsample, slot, self_attention=[block.attn1]))
+                    sites.append(
+                        Site(
+                            name=f"{name}.attentions.{j}.transformer_blocks.{k}",
+                            block=block,
+                            modules=modules,
+                            group=f"{path}{downsample}",
+                            downsample=downsample,
+                            grid=slot,
+                            self_attention=[block.attn1],
+                        )
+                    )
         return sites
 
     def install_grid_hooks(self, sites: list[Site]) -> list[RemovableHandle]:
-        handles = []
-        for slot in {id(s.grid): s.grid for s in sites}.values():
-
-            def record(module: nn.Module, args: tuple, kwargs: dict, slot: GridSlot = slot) -> None:
-                x = args[0] if args else kwargs["hidden_states"]
-                slot.hw = tuple(x.shape[-2:]) if isinstance(x, torch.Tensor) and x.ndim == 4 else None
-
-            handles.append(self._owners[id(slot)].register_forward_pre_hook(record, with_kwargs=True))
-        return handles
+        used = {id(s.grid) for s in sites}
+        return [
+            owner.register_forward_pre_hook(GridRecorder(slot), with_kwargs=True)
+            for slot, owner in self._owners
+            if id(slot) in used
+        ]
 
     def call_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], Any]:
         sample = args[0] if args else kwargs["sample"]

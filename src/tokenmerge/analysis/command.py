@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tokenmerge.harness.registry import HarnessError
+from tokenmerge.errors import HarnessError
 
 #: ``--model`` names of the packaged reference pipelines (``tokenmerge.reference``) -> reference model.
 REFERENCE = {"reference-unet": "unet", "reference-flux": "flux"}
@@ -50,8 +50,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
-def load(name: str, dtype: torch.dtype, device: torch.device) -> Any:
-    """A ``tiny-*`` built-in pipeline or a pipeline folder / hub id, on ``device`` in ``dtype``."""
+def load(
+    name: str, dtype: torch.dtype, device: torch.device, height: int | None = None, width: int | None = None
+) -> Any:
+    """A ``tiny-*`` built-in pipeline or a pipeline folder / hub id, on ``device`` in ``dtype``; a
+    :class:`HarnessError` when it cannot make ``height x width`` images."""
     from tokenmerge.harness import models
     from tokenmerge.harness.registry import architectures
 
@@ -66,6 +69,7 @@ def load(name: str, dtype: torch.dtype, device: torch.device) -> Any:
         raise HarnessError(f"{name!r} holds a bare denoiser; analyze needs a whole pipeline")
     else:
         pipe = models.load_pipeline(name, dtype)
+    models.check_image_size(pipe, height, width)
     pipe = pipe.to(device)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
@@ -74,8 +78,8 @@ def load_reference(name: str, args: argparse.Namespace, device: torch.device) ->
     """The packaged reference pipeline ``REFERENCE[name]`` on ``device`` at the requested square size, and its
     prompts: the first ``--num-prompts`` demo captions, or ``--prompts`` (a file) checked against its vocabulary."""
     from tokenmerge.harness.prompts import BUILTIN, load_prompts
+    from tokenmerge.reference import PROMPTS
     from tokenmerge.reference.data import tokenize
-    from tokenmerge.reference.demo import PROMPTS
     from tokenmerge.reference.models import IMAGE_SIZE
     from tokenmerge.reference.pipeline import load_pipeline
 
@@ -132,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         call, extra = reference_call, dict(guidance_scale=args.guidance_scale)
     else:
         prompts = load_prompts(args.prompts or "general", args.num_prompts)
-        pipe, call = load(args.model, models.DTYPES[args.dtype], device), diffusers_call
+        pipe = load(args.model, models.DTYPES[args.dtype], device, args.height, args.width)
+        call = diffusers_call
     try:
         stats = analyze(
             pipe,
@@ -150,10 +155,8 @@ def run(args: argparse.Namespace) -> int:
     meta = dict(model=args.model, prompt_set=args.prompts, seeds=args.seeds, steps=args.steps, device=str(device))
     meta.update(dtype=args.dtype, height=args.height, width=args.width, guidance_scale=args.guidance_scale)
     if args.model in REFERENCE:
-        from tokenmerge.reference.demo import FLUX_BLOCKS
-
         meta.update(prompt_set=args.prompts or "demo", height=pipe.size, width=pipe.size, demo=REFERENCE[args.model])
-        meta.update(guidance_scale=args.guidance_scale or 3.0, blocks=FLUX_BLOCKS if pipe.name == "flux" else None)
+        meta.update(guidance_scale=args.guidance_scale or 3.0)
     with report.atomic_dir(args.out, args.overwrite) as tmp:
         files = write_report(stats, derived, tmp, meta)
     catome, toma = derived["catome"], derived["toma"]

@@ -11,7 +11,6 @@ few scalars are recorded, and histograms summed over runs.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +18,8 @@ import numpy as np
 import torch
 
 from tokenmerge.analysis import stats as st
-from tokenmerge.methods.base import Method, check_ratio
-from tokenmerge.methods.tomesd import check_cells
+from tokenmerge.methods.base import Generation, Method, PlanCache, check_ratio, check_tile
+from tokenmerge.methods.cells import check_cells
 from tokenmerge.ops.bipartite import bipartite_match, cell_destinations
 from tokenmerge.ops.tiles import TileGrid
 
@@ -46,14 +45,33 @@ class Recorder:
     rows: list[dict[str, Any]] = field(default_factory=list)
     hists: dict[tuple[str, int, int], torch.Tensor] = field(default_factory=dict)
     runs: int = 0
+    generation: Generation | None = None  # of the current run
+    blocks: int = 0  # blocks seen in the current run
+    levels: dict[str, tuple[int, dict[str, torch.Tensor]]] = field(default_factory=dict)  # group -> first block's sets
 
-    def new_run(self) -> int:
-        self.runs += 1
+    def run_of(self, generation: Generation) -> int:
+        """The run (0-based) that ``generation`` is; a new one when it was not seen last."""
+        if generation is not self.generation:
+            self.generation, self.blocks, self.levels = generation, 0, {}
+            self.runs += 1
         return self.runs - 1
 
     def add_hist(self, kind: str, block: int, step: int, counts: torch.Tensor) -> None:
         key = (kind, block, step)
         self.hists[key] = self.hists[key] + counts if key in self.hists else counts
+
+
+@dataclass(eq=False)
+class ObserveCache(PlanCache):
+    """One block's observation state in a run: its number in call order, its last observed step, that step's sets,
+    ToMA destinations and weights, and the compact sets of every earlier step."""
+
+    block: int | None = None
+    step: int | None = None
+    sets: dict[str, torch.Tensor] = field(default_factory=dict)
+    dest: list[torch.Tensor] | None = None
+    weights: list[torch.Tensor] | None = None
+    history: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -91,48 +109,42 @@ class Observe(Method):
     seed: int = 0
     bins: int = 40
     layout: tuple[tuple[str, str, int], ...] = ()
-    max_downsample: int = 1 << 20
-    steps: Collection[int] | None = field(default=None)
-    blocks: Mapping[str, object] | None = field(default=None)
+    max_downsample: int | None = field(default=1 << 20, kw_only=True)
     recorder: Recorder = field(default_factory=Recorder, compare=False, repr=False)
 
     cache_scope = "block"
+    cache_type = ObserveCache
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if not self.thresholds or not all(-1.0 <= t <= 1.0 for t in (*self.thresholds, self.pair_threshold)):
             raise ValueError(
                 f"thresholds must be cosine similarities in [-1, 1], got {self.thresholds} and "
                 f"pair_threshold {self.pair_threshold}"
             )
         check_ratio(self.ratio)
-        if len(self.tile) != 2 or any(int(t) != t or t < 1 for t in self.tile):
-            raise ValueError(f"tile must be two positive integers (tile_h, tile_w), got {self.tile!r}")
+        object.__setattr__(self, "tile", check_tile(self.tile))
         if self.tau <= 0 or self.bins < 1:
             raise ValueError(f"tau must be positive and bins at least 1, got tau={self.tau}, bins={self.bins}")
         check_cells(self.sx, self.sy)
         object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
-        self.check_placement()
 
     @property
     def roles(self) -> frozenset[str]:
         return frozenset()
 
-    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: dict[str, Any], step: int) -> None:
-        generation = cache["generation"]
-        if "run" not in generation:
-            generation.update(run=self.recorder.new_run(), count=0)
-        if "block" not in cache:
-            cache["block"] = generation["count"]
-            generation["count"] += 1
-        if cache.get("step") != step:
+    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: ObserveCache, step: int) -> None:
+        run = self.recorder.run_of(cache.generation)
+        if cache.block is None:
+            cache.block = self.recorder.blocks
+            self.recorder.blocks += 1
+        if cache.step != step:
             with torch.no_grad():
-                self._observe(x.detach(), grid, cache, step)
+                self._observe(x.detach(), grid, cache, run, step)
         return None
 
-    def _observe(self, x: torch.Tensor, grid: tuple[int, int], cache: dict[str, Any], step: int) -> None:
-        generation, (h, w) = cache["generation"], grid
-        block = cache["block"]
-        row: dict[str, Any] = dict(run=generation["run"], block=block, step=step, grid=[h, w])
+    def _observe(self, x: torch.Tensor, grid: tuple[int, int], cache: ObserveCache, run: int, step: int) -> None:
+        (h, w), block = grid, cache.block
+        row: dict[str, Any] = dict(run=run, block=block, step=step, grid=[h, w])
         sets: dict[str, torch.Tensor] = {}
         if h >= self.sy and w >= self.sx:
             _, best, match = bipartite_match(x, self._cell_destinations(h, w, x.device))
@@ -145,19 +157,20 @@ class Observe(Method):
             row.update(self._distribution("tile", near, block, step))
         dest = st.toma_destinations(x, tiles, self.ratio)
         sets["dest"] = st.destination_codes(dest, tiles)
-        if cache.get("step") == step - 1:
-            row.update({f"{k}_adj": _mean(st.jaccard_distance(cache["sets"][k], v)) for k, v in sets.items()})
-            fixed = st.toma_weights(x, tiles, cache["dest"], self.tau)
-            row["weight_adj"] = _mean(st.relative_change(fixed, cache["weights"]))
-        history = cache.setdefault("history", {})
+        if cache.step == step - 1:
+            row.update({f"{k}_adj": _mean(st.jaccard_distance(cache.sets[k], v)) for k, v in sets.items()})
+            fixed = st.toma_weights(x, tiles, cache.dest, self.tau)
+            row["weight_adj"] = _mean(st.relative_change(fixed, cache.weights))
+        history = cache.history
         for kind in DRIFT:
             if kind in sets:
                 row[f"{kind}_drift"] = {
                     s: _mean(st.jaccard_distance(old[kind], sets[kind])) for s, old in history.items()
                 }
         history[step] = {k: st.compact(sets[k], h * w if k == "pairs" else 1) for k in DRIFT if k in sets}
-        row.update(self._against_level(sets, block, generation, step))
-        cache.update(step=step, sets=sets, dest=dest, weights=st.toma_weights(x, tiles, dest, self.tau))
+        row.update(self._against_level(sets, block, step))
+        cache.step, cache.sets, cache.dest = step, sets, dest
+        cache.weights = st.toma_weights(x, tiles, dest, self.tau)
         self.recorder.rows.append(row)
 
     def _cell_destinations(self, h: int, w: int, device: torch.device) -> torch.Tensor:
@@ -171,11 +184,11 @@ class Observe(Method):
             f"{kind}_share>={t:g}": s for t, s in zip(self.thresholds, shares, strict=True)
         }
 
-    def _against_level(self, sets: dict[str, torch.Tensor], block: int, generation: dict, step: int) -> dict:
+    def _against_level(self, sets: dict[str, torch.Tensor], block: int, step: int) -> dict:
         """Distances to the sets of the first block of the same level (``layout`` group) at this step."""
         if block >= len(self.layout):
             return {}
-        levels = generation.setdefault("levels", {})
+        levels = self.recorder.levels
         first = levels.get(self.layout[block][1])
         if first is None or first[0] != step:
             levels[self.layout[block][1]] = (step, sets)

@@ -28,7 +28,7 @@ def observer_for(obj: Any, observe: Observe | None = None) -> Observe:
     """``observe`` (default ``Observe()``) set up to see every block of ``obj``'s denoiser: every level, every block
     kind, ``layout`` filled in call order, and a fresh recorder."""
     adapter = adapter_for(find_denoiser(obj))
-    blocks = {kind: ((0, None),) for kind in adapter.default_blocks} or None
+    blocks = {kind: ((0, None),) for kind in adapter.default_blocks()} or None
     sites = adapter.select(adapter.sites(), blocks)
     layout = tuple((s.name, s.group, s.downsample) for s in sites)
     return dataclasses.replace(

@@ -21,8 +21,10 @@ from typing import Any
 import torch
 
 import tokenmerge as tm
+from tokenmerge.errors import HarnessError
 from tokenmerge.flops import count_flops
-from tokenmerge.harness.registry import HarnessError, MethodSpec
+from tokenmerge.harness.registry import MethodSpec
+from tokenmerge.harness.timing import time_call
 
 
 @dataclass
@@ -88,21 +90,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(run: Callable[[], Any], device: torch.device) -> float:
-    """Seconds taken by ``run()``: CUDA events on a GPU, wall clock on the CPU."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        _sync(device)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1000
-    start_s = time.perf_counter()
-    run()
-    return time.perf_counter() - start_s
-
-
 def peak_memory(run: Callable[[], Any], device: torch.device) -> tuple[float, str]:
     """(MiB, how it was measured) of the memory growth during one call of ``run``."""
     if device.type == "cuda":
@@ -140,8 +127,8 @@ def _apply(target: Target, spec: MethodSpec) -> None:
         return
     try:
         tm.apply(target.model, spec.method)
-    except ValueError as exc:
-        raise HarnessError(f"cannot apply {spec.label} to {target.name}: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise HarnessError(f"cannot apply {spec.label} to {target.name}: {exc}") from exc
 
 
 def _remove(target: Target, spec: MethodSpec) -> None:

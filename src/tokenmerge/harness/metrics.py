@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from tokenmerge.harness.registry import HarnessError
+from tokenmerge.errors import HarnessError, describe
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,8 +66,7 @@ def _load(cls: Any, name_or_path: str, what: str) -> Any:
     try:
         return cls.from_pretrained(name_or_path).eval()
     except (OSError, ValueError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HarnessError(f"cannot load {what} model {name_or_path!r}: {first}") from None
+        raise HarnessError(f"cannot load {what} model {name_or_path!r}: {describe(exc)}") from exc
 
 
 class DinoFeatures(nn.Module):
@@ -123,7 +122,7 @@ class ClipScorer(nn.Module):
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         except (OSError, ValueError, TypeError) as exc:
-            raise HarnessError(f"cannot load the CLIP tokenizer from {name_or_path!r}: {exc}") from None
+            raise HarnessError(f"cannot load the CLIP tokenizer from {name_or_path!r}: {describe(exc)}") from exc
         self.image_size = int(self.model.config.vision_config.image_size)
 
     @torch.no_grad()

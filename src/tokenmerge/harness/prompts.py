@@ -8,7 +8,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from tokenmerge.harness.registry import HarnessError
+from tokenmerge.errors import HarnessError
 
 #: Built-in set name -> (file in ``tokenmerge/harness/prompts``, template applied to each line).
 BUILTIN: dict[str, tuple[str, str]] = {

@@ -16,10 +16,7 @@ import torch
 
 import tokenmerge
 from tokenmerge import archs
-
-
-class HarnessError(Exception):
-    """A user error (bad input); the command line prints its message as one line and exits non-zero."""
+from tokenmerge.errors import HarnessError
 
 
 def methods() -> dict[str, type[tokenmerge.Method]]:
@@ -75,15 +72,24 @@ def _split_options(text: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
-def _value(text: str) -> Any:
-    """A Python literal, ``true``/``false``/``none`` in any case, or else the bare string."""
+def _takes_text(annotation: object) -> bool:
+    """Whether a field annotated ``annotation`` (e.g. ``"str | int"``, ``"Literal['a', 'b']"``) takes a string."""
+    members = _split_options(str(annotation).replace("|", ","))
+    return any(m == "str" or m.startswith(("Literal[", "typing.Literal[")) for m in members)
+
+
+def _value(text: str, field: dataclasses.Field[Any]) -> Any:
+    """A Python literal, ``true``/``false``/``none`` in any case, or else the bare string when ``field`` takes text;
+    anything else is a :class:`ValueError` naming the field's type."""
     lowered = text.strip().lower()
     if lowered in ("true", "false", "none"):
         return {"true": True, "false": False, "none": None}[lowered]
     try:
         return ast.literal_eval(text.strip())
-    except (ValueError, SyntaxError):
-        return text.strip()
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        if _takes_text(field.type):
+            return text.strip()
+        raise ValueError(f"{field.name} takes {field.type}, got {text.strip()!r}") from None
 
 
 def parse_method(spec: str) -> MethodSpec:
@@ -101,7 +107,7 @@ def parse_method(spec: str) -> MethodSpec:
     if name not in registry:
         raise HarnessError(f"--method {spec!r}: unknown method {name!r}; choose from {', '.join(registry)}")
     cls = registry[name]
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs: dict[str, Any] = {}
     for item in _split_options(options):
         key, eq, raw = item.partition("=")
@@ -110,11 +116,14 @@ def parse_method(spec: str) -> MethodSpec:
             raise HarnessError(f"--method {spec!r}: expected OPTION=VALUE, got {item!r}")
         if key not in fields:
             raise HarnessError(f"--method {spec!r}: {name} has no option {key!r}; options: {', '.join(sorted(fields))}")
-        value = _value(raw)
+        try:
+            value = _value(raw, fields[key])
+        except ValueError as exc:
+            raise HarnessError(f"--method {spec!r}: {exc}") from None
         kwargs[key] = tuple(value) if isinstance(value, list) and key == "tile" else value
     try:
         method = cls(**kwargs)
     except (ValueError, TypeError) as exc:
-        raise HarnessError(f"--method {spec!r}: {exc}") from None
+        raise HarnessError(f"--method {spec!r}: {exc}") from exc
     label = name if not kwargs else f"{name}:" + ",".join(f"{k}={v}" for k, v in kwargs.items())
     return MethodSpec(label.replace(" ", ""), method)

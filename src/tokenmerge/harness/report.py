@@ -7,13 +7,14 @@ import csv
 import json
 import math
 import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from tokenmerge.harness.registry import HarnessError
+from tokenmerge.errors import HarnessError
 
 
 def _cell(value: Any) -> str:
@@ -106,23 +107,38 @@ def partial_dir(out: Path) -> Path:
 
 
 def check_output(out: Path, overwrite: bool) -> None:
+    """Fail, before any work, when the output folder ``out`` could not be written at the end: it exists (and not
+    ``overwrite``), or the nearest folder above it that exists is a file or takes no new entries (a probe folder
+    is created and deleted there)."""
     if out.exists() and not overwrite:
         raise HarnessError(f"output {out} already exists (pass --overwrite to replace it)")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise HarnessError(f"cannot write output {out}: {parent} is a file, not a folder")
+    try:
+        tempfile.TemporaryDirectory(prefix=f".{out.name}.probe", dir=parent).cleanup()
+    except OSError as exc:
+        raise HarnessError(f"cannot write output {out}: {exc.strerror or exc} in {parent}") from exc
 
 
 @contextlib.contextmanager
 def atomic_dir(out: Path, overwrite: bool, cleanup: bool = True) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``out``; rename it to ``out`` when the block succeeds, delete it when
-    it fails (a failed run leaves no report behind)."""
+    it fails (a failed run leaves no report behind). Writing errors (``OSError``) in the block are reported as a
+    :class:`HarnessError` naming ``out``."""
     check_output(out, overwrite)
     tmp = partial_dir(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         yield tmp
-    except BaseException:
+    except BaseException as exc:
         if cleanup:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise HarnessError(f"cannot write output {out}: {exc}") from exc
         raise
     finalize(tmp, out, overwrite)
 
@@ -130,6 +146,9 @@ def atomic_dir(out: Path, overwrite: bool, cleanup: bool = True) -> Iterator[Pat
 def finalize(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished folder ``tmp`` to ``out`` (replacing it when ``overwrite``)."""
     check_output(out, overwrite)
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    tmp.rename(out)
+    try:
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    except OSError as exc:
+        raise HarnessError(f"cannot move the finished output {tmp} to {out}: {exc}") from exc

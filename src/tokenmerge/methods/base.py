@@ -1,61 +1,101 @@
-"""What every merge method provides to the shared adapters."""
+"""What every merge method provides to the patch: a validated configuration that turns block tokens into plans."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Hashable, Mapping
-from typing import Any, ClassVar, Protocol
+from collections.abc import Collection, Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
+
+from tokenmerge.plans import KVPlan, MergePlan
 
 #: Sub-modules of a transformer block a method can run on merged tokens.
 ROLES = ("attn", "cross", "mlp")
 
 
-class Plan(Protocol):
-    """A merge for one block call: ``merge`` ``(B, N, C) -> (B, K, C)``, ``unmerge`` ``(B, K, C) -> (B, N, C)``.
+@dataclass(eq=False)
+class Generation:
+    """What every block shares during one generation (made new at each): the steps it runs (the scheduler's count
+    less those an img2img ``strength`` skips; ``None`` for a bare denoiser) and a random generator methods draw from
+    in block call order (made at the first draw)."""
 
-    Optional: ``key_bias`` ``(B, 1, K)`` (or ``None``), an additive bias on the self-attention keys (``attn`` role),
-    e.g. to mask padding rows of merges whose ``K`` differs per sample.
+    num_steps: int | None = None
+    rng: torch.Generator | None = None
+
+
+@dataclass(eq=False)
+class PlanCache:
+    """What one reuse group (``Method.cache_scope = "group"``) or block (``"block"``) keeps for one generation.
+
+    Methods that keep more subclass it (:attr:`Method.cache_type`). ``fresh`` is cleared at every new step: a method
+    that computed the plan for the rest of a step (the first block of a group) sets it.
     """
 
-    def merge(self, x: torch.Tensor) -> torch.Tensor: ...
-
-    def unmerge(self, y: torch.Tensor) -> torch.Tensor: ...
-
-
-class KVPlan(Protocol):
-    """A keys/values plan (ToDo): every query is kept; the self-attention projects its keys and values from
-    ``kv(x)`` ``(B, N, C) -> (B, M, C)`` of the image tokens; nothing to unmerge. ``kv_index`` ``(M,)``: the grid
-    positions of the kept tokens (rotary embeddings of the keys)."""
-
-    kv_index: torch.Tensor
-
-    def kv(self, x: torch.Tensor) -> torch.Tensor: ...
+    generation: Generation
+    fresh: bool = False
 
 
+@dataclass(frozen=True)
 class Method(ABC):
-    """A token-merging method: a configuration that turns a block's tokens into a :class:`Plan`.
+    """A token-merging method: a frozen, validated configuration that turns a block's tokens into a plan
+    (:class:`tokenmerge.plans.MergePlan`, or :class:`~tokenmerge.plans.KVPlan` for ``keys_values`` methods).
 
-    Subclasses are frozen dataclasses (configuration only); state that lives across blocks and steps is kept in the
-    ``cache`` dict the adapter hands to :meth:`plan` (one per reuse group, emptied at every new generation).
+    Options shared by every method (keyword-only):
+
+    - ``max_downsample``: merge in blocks whose grid is at most this many times smaller than the latent (UNets);
+      ``None``: the finest level that has attention in the model (SD 1.x: 1, SDXL: 2), resolved at ``apply``;
+    - ``steps``: the 0-based denoising steps at which merging is active (``None``: all), kept as a ``frozenset``;
+    - ``blocks``: diffusion transformers: merged block index ranges per kind (see :func:`parse_blocks`); kinds not
+      given keep the adapter's default placement.
+
+    Subclasses validate and normalise their own options in :meth:`validate`; everything is checked at construction,
+    what depends on the model at ``apply``.
     """
 
-    #: Downsampling levels (1 = full latent resolution) this method patches; blocks at larger ones run unmerged.
-    max_downsample: int
-    #: Step indices (0-based, per generation) on which merging is active; ``None``: every step.
-    steps: Collection[int] | None
-    #: Diffusion transformers: block kind -> merged index ranges (see :func:`parse_blocks`); ``None``: the
-    #: adapter's default placement.
-    blocks: Mapping[str, tuple[tuple[int, int | None], ...]] | None = None
-    #: ``"group"``: one ``cache`` per reuse group (a level's blocks share plans); ``"block"``: one per block.
-    #: Every cache also holds ``cache["generation"]``, a dict shared by all blocks for the current generation, with
-    #: ``num_steps`` (the steps this generation runs: the scheduler's count less those an img2img ``strength``
-    #: skips; ``None`` for a bare denoiser).
+    max_downsample: int | None = field(default=None, kw_only=True)
+    steps: Collection[int] | None = field(default=None, kw_only=True)
+    blocks: Mapping[str, Any] | None = field(default=None, kw_only=True)
+
+    #: ``"group"``: one cache per reuse group (a level's blocks share plans); ``"block"``: one per block.
     cache_scope: ClassVar[str] = "group"
-    #: True for keys/values methods (plans are :class:`KVPlan`): hooked at the self-attention's key and value
-    #: projections instead of merging sub-module inputs.
+    #: The cache handed to :meth:`plan`; made new at every generation.
+    cache_type: ClassVar[type[PlanCache]] = PlanCache
+    #: True for keys/values methods (plans are :class:`~tokenmerge.plans.KVPlan`): hooked at the self-attention's
+    #: key and value projections instead of merging sub-module inputs.
     keys_values: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+        if not self.roles <= set(ROLES):
+            raise ValueError(f"roles must be a subset of {ROLES}, got {sorted(self.roles)}")
+        if self.max_downsample is not None:
+            downsample = integer("max_downsample", self.max_downsample, 1)
+            if downsample & (downsample - 1):
+                raise ValueError(f"max_downsample must be a power of two >= 1 or None, got {downsample}")
+            self._set("max_downsample", downsample)
+        self._set("steps", step_set(self.steps))
+        self._set("blocks", parse_blocks(self.blocks))
+
+    def validate(self) -> None:  # noqa: B027 (optional: methods without options of their own)
+        """Check and normalise this method's own options (raise ``TypeError``/``ValueError`` naming the option)."""
+
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+    def describe(self) -> str:
+        """The options that differ from their defaults, main knob first: ``ToMeSD(ratio=0.6, max_downsample=2)``."""
+        options = sorted(dataclasses.fields(self), key=lambda f: f.kw_only)
+        changed = [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in options
+            if f.init and f.default is not dataclasses.MISSING and getattr(self, f.name) != f.default
+        ]
+        return f"{type(self).__name__}({', '.join(changed)})"
 
     @property
     @abstractmethod
@@ -67,13 +107,16 @@ class Method(ABC):
         """True when the configuration changes nothing (e.g. ratio 0): the model is left unpatched."""
         return False
 
-    def check_placement(self) -> None:
-        """Validate the roles (flag methods: at least one flag set), ``max_downsample`` and ``steps``, normalise
-        ``blocks`` (the end of every ``__post_init__``)."""
-        if not self.roles <= set(ROLES):
-            raise ValueError(f"roles must be a subset of {ROLES}, got {sorted(self.roles)}")
-        check_common(self.max_downsample, self.steps)
-        object.__setattr__(self, "blocks", parse_blocks(self.blocks))
+    @property
+    def key_mask_option(self) -> tuple[str, str] | None:
+        """When plans may carry a ``key_bias`` (the patched self-attentions must then take a mask): the option that
+        makes them and what to do where no mask can be taken; ``None``: plans never carry one."""
+        return None
+
+    @property
+    def plan_type(self) -> type:
+        """The plan type (:mod:`tokenmerge.plans`) every plan of this method is."""
+        return KVPlan if self.keys_values else MergePlan
 
     def active(self, step: int) -> bool:
         return self.steps is None or step in self.steps
@@ -87,15 +130,14 @@ class Method(ABC):
         """
         return step
 
-    @abstractmethod
-    def plan(
-        self, x: torch.Tensor, grid: tuple[int, int], cache: dict[str, Any], phase: Hashable
-    ) -> Plan | KVPlan | None:
-        """Plan the merge of block tokens ``x`` ``(B, H*W, C)`` on an ``H x W`` grid in the current step's ``phase``.
+    def new_cache(self, generation: Generation | None = None) -> PlanCache:
+        """An empty cache of :attr:`cache_type` for ``generation`` (default: a new one)."""
+        return self.cache_type(generation or Generation())
 
-        ``cache["fresh"]`` is removed at every new step: a method that computed a plan for the rest of a step (the
-        first block of a reuse group) marks it there.
-        """
+    @abstractmethod
+    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: PlanCache, phase: Hashable) -> Any:
+        """Plan the merge of block tokens ``x`` ``(B, H*W, C)`` on an ``H x W`` grid in the current step's ``phase``:
+        a plan of :attr:`plan_type`, or ``None`` to run this block call unmerged."""
 
 
 class FlagRoles:
@@ -109,10 +151,10 @@ class FlagRoles:
     def roles(self) -> frozenset[str]:
         return flag_roles(self.merge_attn, self.merge_crossattn, self.merge_mlp)
 
-
-def check_ratio(ratio: float) -> None:
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    def check_flags(self) -> None:
+        """Type-check the flags (``Method.__post_init__`` then checks that at least one is set)."""
+        for name in ("merge_attn", "merge_crossattn", "merge_mlp"):
+            boolean(name, getattr(self, name))
 
 
 def flag_roles(merge_attn: bool, merge_crossattn: bool, merge_mlp: bool) -> frozenset[str]:
@@ -123,12 +165,49 @@ def flag_roles(merge_attn: bool, merge_crossattn: bool, merge_mlp: bool) -> froz
     return roles
 
 
-def check_common(max_downsample: int, steps: Collection[int] | None) -> None:
-    """Validate the options all methods share."""
-    if max_downsample < 1 or max_downsample & (max_downsample - 1):
-        raise ValueError(f"max_downsample must be a power of two >= 1, got {max_downsample}")
-    if steps is not None and any(int(s) != s or s < 0 for s in steps):
-        raise ValueError(f"steps must be non-negative integers, got {steps!r}")
+# ---- option checks: one clear TypeError / ValueError naming the option ---------------------------------------------
+
+
+def integer(name: str, value: Any, minimum: int | None = None) -> int:
+    """``value`` as an ``int`` (any integral number but ``bool``), at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def real(name: str, value: Any, low: float, high: float, *, high_open: bool = False, low_open: bool = False) -> float:
+    """``value`` as a finite ``float`` (any real number but ``bool``) in ``[low, high]`` (ends open as told)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        hint = " (use float(...))" if isinstance(value, torch.Tensor) else ""
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}{hint}")
+    value = float(value)
+    below = value <= low if low_open else value < low
+    above = value >= high if high_open else value > high
+    if not math.isfinite(value) or below or above:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value}")
+    return value
+
+
+def boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
+def step_set(steps: Any) -> frozenset[int] | None:
+    """``steps`` (``None`` or a collection of non-negative integers) as a ``frozenset``; a one-shot iterator is read
+    once here, not consumed by validation."""
+    if steps is None:
+        return None
+    if isinstance(steps, str | bytes | numbers.Number | torch.Tensor) or not isinstance(steps, Iterable):
+        raise TypeError(
+            f"steps must be None or a collection of 0-based step indices (e.g. range(0, 50, 2)), got "
+            f"{type(steps).__name__} {steps!r}"
+        )
+    return frozenset(integer("steps", s, 0) for s in steps)
 
 
 def parse_blocks(blocks: Mapping[str, Any] | None) -> dict[str, tuple[tuple[int, int | None], ...]] | None:
@@ -140,7 +219,7 @@ def parse_blocks(blocks: Mapping[str, Any] | None) -> dict[str, tuple[tuple[int,
     if blocks is None:
         return None
     if not isinstance(blocks, Mapping):
-        raise ValueError(f"blocks must be a mapping of block kind to index ranges, got {type(blocks).__name__}")
+        raise TypeError(f"blocks must be a mapping of block kind to index ranges, got {type(blocks).__name__}")
     out = {}
     for kind, spec in blocks.items():
         items = [spec] if isinstance(spec, range) or _is_pair(spec) else spec
@@ -166,7 +245,23 @@ def _is_pair(item: Any) -> bool:
     return (
         isinstance(item, tuple | list)
         and len(item) == 2
-        and isinstance(item[0], int)
+        and isinstance(item[0], numbers.Integral)
         and not isinstance(item[0], bool)
-        and (item[1] is None or (isinstance(item[1], int) and not isinstance(item[1], bool)))
+        and (item[1] is None or (isinstance(item[1], numbers.Integral) and not isinstance(item[1], bool)))
     )
+
+
+def check_ratio(ratio: Any) -> float:
+    """``ratio``, the fraction of tokens removed, as a float in ``[0, 1)``."""
+    return real("ratio", ratio, 0.0, 1.0, high_open=True)
+
+
+def check_tile(tile: Any) -> tuple[int, int]:
+    """``tile`` as ``(tile_h, tile_w)`` positive integers; an integer ``t`` is the square tile ``(t, t)``."""
+    if isinstance(tile, numbers.Integral) and not isinstance(tile, bool):
+        tile = (tile, tile)
+    if not isinstance(tile, tuple | list):
+        raise TypeError(f"tile must be (tile_h, tile_w) or an integer, got {type(tile).__name__} {tile!r}")
+    if len(tile) != 2:
+        raise ValueError(f"tile must be two integers (tile_h, tile_w), got {tile!r}")
+    return integer("tile height", tile[0], 1), integer("tile width", tile[1], 1)

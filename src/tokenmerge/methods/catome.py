@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Hashable, Mapping, Sequence
+import numbers
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from tokenmerge.methods.base import FlagRoles, Method
-from tokenmerge.methods.tomesd import check_cells, generation_rng
-from tokenmerge.ops.bipartite import SlotMerge, bipartite_match, cell_destinations, slot_merge, top_sources
+from tokenmerge.methods.base import PlanCache, integer, real
+from tokenmerge.methods.cells import CellMethod
+from tokenmerge.ops.bipartite import SlotMerge, bipartite_match, slot_merge, top_sources
 
 #: Steps of the reference schedules' base length.
 REFERENCE_STEPS = 50
@@ -31,8 +31,16 @@ def scale_schedule(steps: Sequence[int], num_steps: int, base: int = REFERENCE_S
     return frozenset(s * num_steps // base for s in steps if s < base)
 
 
+@dataclass(eq=False)
+class PairCache(PlanCache):
+    """One block's matching for the current generation, with the batch size, grid, device and dtype it was made for."""
+
+    key: tuple | None = None
+    plan: SlotMerge | None = None
+
+
 @dataclass(frozen=True)
-class CAToMe(FlagRoles, Method):
+class CAToMe(CellMethod):
     """Cached Adaptive Token Merging (Saghatchian et al.), built on ToMeSD's 2x2-cell bipartite matching.
 
     Per block: one destination per ``sy x sx`` cell (random or top-left), every source's best destination by cosine
@@ -46,8 +54,9 @@ class CAToMe(FlagRoles, Method):
       batch's longest with zero rows that self-attention masks out as keys (an additive ``-inf``-like key bias, so
       the softmax is exactly that of the sample alone; padded query rows are computed and discarded). Cost: every
       sample runs at the longest sample's length, and the mask (always passed, so that shapes and kernels do not
-      depend on the content) rules out flash kernels on GPU. Needs a plain self-attention processor that takes an
-      ``attention_mask`` (UNets, PixArt); joint-attention models (Flux, SD3) raise ``ValueError``: use ``"min"``.
+      depend on the content) rules out flash kernels on GPU. Needs self-attention that takes an ``attention_mask``
+      (UNets, PixArt, Flux on a backend with masks): elsewhere (SD3's joint attention, flash or sage backends)
+      ``apply`` raises ``ValueError``: use ``"min"`` or ``"max"``.
     - ``"max"``: the reference: ``r = max_b count_b``; every sample merges its top ``r`` sources (some below the
       threshold), so batch mates change each other's result.
     - ``"min"``: ``r = min_b count_b``: only pairs above the threshold merge in every sample (conservative).
@@ -64,49 +73,41 @@ class CAToMe(FlagRoles, Method):
         batch: ``"sample"``, ``"max"`` or ``"min"`` (see above).
         bucket: static shapes for ``torch.compile``: the merged length is rounded up to a multiple of ``bucket``
             (``"sample"``: more padding rows; ``"max"``/``"min"``: fewer merged sources).
-        max_downsample, sx, sy, use_rand, merge_attn, merge_crossattn, merge_mlp, seed, steps, blocks: as
-            :class:`ToMeSD`
-            (``use_rand`` is turned off for odd batch sizes, as in the reference).
+        max_downsample, sx, sy, use_rand, merge_attn, merge_crossattn, merge_mlp, seed, steps, blocks: keyword-only,
+            as :class:`~tokenmerge.ToMeSD`.
     """
 
     threshold: float = 0.7
     schedule: str | int | Sequence[int] = "config3"
-    num_steps: int | None = None
-    batch: str = "sample"
-    bucket: int = 1
-    max_downsample: int = 1
-    sx: int = 2
-    sy: int = 2
-    use_rand: bool = True
-    merge_attn: bool = True
-    merge_crossattn: bool = False
-    merge_mlp: bool = False
-    seed: int | None = None
-    steps: Collection[int] | None = field(default=None)
-    blocks: Mapping[str, object] | None = field(default=None)
+    num_steps: int | None = field(default=None, kw_only=True)
+    batch: str = field(default="sample", kw_only=True)
+    bucket: int = field(default=1, kw_only=True)
 
     cache_scope = "block"
+    cache_type = PairCache
 
-    def __post_init__(self) -> None:
-        if not -1.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {self.threshold}")
+    def validate(self) -> None:
+        super().validate()
+        self._set("threshold", real("threshold", self.threshold, -1.0, 1.0))
         sched = self.schedule
         if isinstance(sched, str):
             if sched not in SCHEDULES:
                 raise ValueError(f"unknown schedule {sched!r}; choose from {', '.join(SCHEDULES)}, an int or steps")
-        elif isinstance(sched, int):
-            if sched < 1:
-                raise ValueError(f"an every-n schedule must have n >= 1, got {sched}")
-        elif not all(isinstance(s, int) and s >= 0 for s in sched):
-            raise ValueError(f"schedule steps must be non-negative integers, got {sched!r}")
-        if self.num_steps is not None and (int(self.num_steps) != self.num_steps or self.num_steps < 1):
-            raise ValueError(f"num_steps must be a positive integer, got {self.num_steps!r}")
+        elif isinstance(sched, numbers.Integral) and not isinstance(sched, bool):
+            self._set("schedule", integer("schedule (every n steps)", sched, 1))
+        elif isinstance(sched, Iterable) and not isinstance(sched, bytes | torch.Tensor):
+            self._set("schedule", tuple(sorted({integer("schedule steps", s, 0) for s in sched})))
+        else:
+            raise TypeError(f"schedule must be a name, an int or a sequence of steps, got {type(sched).__name__}")
+        if self.num_steps is not None:
+            self._set("num_steps", integer("num_steps", self.num_steps, 1))
         if self.batch not in BATCH_MODES:
             raise ValueError(f"batch must be one of {', '.join(BATCH_MODES)}, got {self.batch!r}")
-        if int(self.bucket) != self.bucket or self.bucket < 1:
-            raise ValueError(f"bucket must be a positive integer, got {self.bucket!r}")
-        check_cells(self.sx, self.sy)
-        self.check_placement()
+        self._set("bucket", integer("bucket", self.bucket, 1))
+
+    @property
+    def key_mask_option(self) -> tuple[str, str] | None:
+        return ("batch='sample'", "use batch='min' or batch='max' here") if self.batch == "sample" else None
 
     def checkpoints(self, num_steps: int | None = None) -> frozenset[int] | None:
         """The 0-based checkpoint steps of a ``num_steps`` run (``None`` for an every-n schedule: ``step % n == 0``)."""
@@ -124,20 +125,18 @@ class CAToMe(FlagRoles, Method):
         """Whether ``step`` is a checkpoint (pairs recomputed)."""
         return self.is_checkpoint(step, num_steps)
 
-    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: dict[str, Any], phase: Hashable) -> SlotMerge | None:
+    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: PairCache, phase: Hashable) -> SlotMerge | None:
         key = (x.shape[0], *grid, x.device, x.dtype)
-        if cache.get("key") == key and not phase:
-            return cache["plan"]
-        cache.update(key=key, plan=self._match(x, grid, cache))
-        return cache["plan"]
+        if cache.key != key or phase:
+            cache.key, cache.plan = key, self._match(x, grid, cache)
+        return cache.plan
 
-    def _match(self, x: torch.Tensor, grid: tuple[int, int], cache: dict[str, Any]) -> SlotMerge | None:
+    def _match(self, x: torch.Tensor, grid: tuple[int, int], cache: PairCache) -> SlotMerge | None:
         h, w = grid
         n = h * w
         if h < self.sy or w < self.sx:
             return None
-        rng = generation_rng(cache, self.seed) if self.use_rand and x.shape[0] % 2 == 0 else None
-        dst = cell_destinations(h, w, self.sx, self.sy, rng, x.device)
+        dst = self.destinations(x, grid, cache.generation)
         src, best, match = bipartite_match(x, dst)
         above = best >= self.threshold
         if self.batch == "sample":

@@ -2,32 +2,43 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Hashable, Mapping
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from tokenmerge.methods.base import Method
+from tokenmerge.methods.base import Method, PlanCache, integer
 from tokenmerge.ops.downsample import downsample_tokens
+from tokenmerge.plans import KVPlan
 
 
-@dataclass(frozen=True)
-class DownsampledKV:
+@dataclass(eq=False)
+class DownsampledKV(KVPlan):
     """Self-attention keys/values from the ``factor``-downsampled grid:
-    ``(B, H*W, C) -> (B, ceil(H/f) * ceil(W/f), C)``."""
+    ``(B, H*W, C) -> (B, ceil(H/f) * ceil(W/f), C)``; ``kv_index`` ``(M,)``: the grid positions of the kept tokens,
+    in ``kv`` order."""
 
     grid: tuple[int, int]
     factor: int
+    kv_index: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        h, w = self.grid
+        self.kv_index = (torch.arange(0, h, self.factor).view(-1, 1) * w + torch.arange(0, w, self.factor)).flatten()
 
     @property
-    def kv_index(self) -> torch.Tensor:
-        """``(M,)`` grid positions of the kept tokens, in ``kv`` order."""
-        h, w = self.grid
-        return (torch.arange(0, h, self.factor).view(-1, 1) * w + torch.arange(0, w, self.factor)).flatten()
+    def num_kv(self) -> int:
+        return self.kv_index.shape[0]
 
     def kv(self, x: torch.Tensor) -> torch.Tensor:
         return downsample_tokens(x, self.grid, self.factor)
+
+
+@dataclass(eq=False)
+class KVCache(PlanCache):
+    """The plan of a reuse group's last grid (plans depend on the grid alone)."""
+
+    plan: DownsampledKV | None = None
 
 
 @dataclass(frozen=True)
@@ -42,23 +53,19 @@ class ToDo(Method):
 
     Args:
         factor: downsampling per side (2: a quarter of the keys/values); 1 leaves the model untouched.
-        max_downsample: downsample in blocks whose grid is at most this many times smaller than the latent (1: the
-            highest-resolution level, the reference setting for SD 1.x; SDXL has attention from level 2 on).
-        steps: 0-based denoising steps at which downsampling is active (``None``: all).
-        blocks: diffusion transformers: block index ranges per block kind, as :class:`tokenmerge.ToMA`.
+        max_downsample: (keyword) downsample in blocks whose grid is at most this many times smaller than the latent;
+            ``None`` (default): the finest level that has attention (SD 1.x: 1, the reference setting; SDXL: 2).
+        steps: (keyword) 0-based denoising steps at which downsampling is active (``None``: all).
+        blocks: (keyword) diffusion transformers: block index ranges per block kind, as :class:`tokenmerge.ToMA`.
     """
 
     factor: int = 2
-    max_downsample: int = 1
-    steps: Collection[int] | None = field(default=None)
-    blocks: Mapping[str, object] | None = field(default=None)
 
     keys_values = True
+    cache_type = KVCache
 
-    def __post_init__(self) -> None:
-        if int(self.factor) != self.factor or self.factor < 1:
-            raise ValueError(f"factor must be a positive integer, got {self.factor!r}")
-        self.check_placement()
+    def validate(self) -> None:
+        self._set("factor", integer("factor", self.factor, 1))
 
     @property
     def roles(self) -> frozenset[str]:
@@ -71,5 +78,7 @@ class ToDo(Method):
     def phase(self, step: int, num_steps: int | None) -> None:
         return None  # plans do not depend on the step
 
-    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: dict[str, Any], phase: Hashable) -> DownsampledKV:
-        return DownsampledKV(grid, int(self.factor))
+    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: KVCache, phase: Hashable) -> DownsampledKV:
+        if cache.plan is None or cache.plan.grid != grid:
+            cache.plan = DownsampledKV(grid, self.factor)
+        return cache.plan

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Hashable, Mapping
+import math
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from tokenmerge.methods.base import FlagRoles, Method, check_ratio
+from tokenmerge.methods.base import FlagRoles, Method, PlanCache, check_ratio, check_tile, integer, real
 from tokenmerge.ops.tiles import TileGrid
 from tokenmerge.ops.toma import TileMerge, toma_merge
+
+
+@dataclass(eq=False)
+class ToMACache(PlanCache):
+    """A reuse group's merge for the current generation: for which batch size, grid, device and dtype (``key``), the
+    merge and the tile-local destinations it was built from."""
+
+    key: tuple | None = None
+    merge: TileMerge | None = None
+    dest: list[torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -19,20 +29,23 @@ class ToMA(FlagRoles, Method):
 
     Args:
         ratio: fraction of tokens removed in each tile, in ``[0, 1)``; 0 leaves the model untouched.
-        tile: ``(tile_h, tile_w)`` of the local windows in which destinations are chosen and tokens merged.
-        tau: softmax temperature of the merge assignment (large = nearly hard assignment).
+        tile: ``(tile_h, tile_w)`` of the local windows in which destinations are chosen and tokens merged (an
+            integer ``t``: ``(t, t)``).
+        tau: softmax temperature of the merge assignment (large = nearly hard assignment), positive and finite.
         merge_attn / merge_crossattn / merge_mlp: run self-attention / cross-attention queries / the MLP on merged
             tokens (the whole block by default; attention alone is more faithful and slower, see docs/benchmarks.md).
-        max_downsample: merge in blocks whose grid is at most this many times smaller than the latent
-            (4: the 64x64, 32x32 and 16x16-token levels of SD 1.5 at 512px, and both attention levels of SDXL).
         dest_every: recompute destinations every this many steps (reused in between).
         weight_every: recompute merge weights every this many steps. Within a step, the first patched block of a
             reuse group (a UNet level on the down, mid or up path) computes them and the later blocks reuse them.
-        steps: 0-based denoising steps at which merging is active (``None``: all); the others run the full model.
-        blocks: diffusion transformers: merged block index ranges per block kind, half-open, e.g.
+        max_downsample: (keyword) merge in blocks whose grid is at most this many times smaller than the latent
+            (4: the 64x64, 32x32 and 16x16-token levels of SD 1.5 at 512px, and both attention levels of SDXL).
+        steps: (keyword) 0-based denoising steps at which merging is active (``None``: all); the others run the full
+            model.
+        blocks: (keyword) diffusion transformers: merged block index ranges per block kind, half-open, e.g.
             ``{"double": (0, None), "single": range(5, 38)}`` (Flux kinds ``double``/``single``, SD3 ``joint``,
-            PixArt ``blocks``); kinds not given keep the model's default (Flux: all but the first five of each kind;
-            SD3, PixArt: every block). Reuse groups there are one per kind (stream).
+            PixArt ``blocks``); kinds not given keep the model's default (Flux: all but the first
+            ``round(5 * n / 19)`` double-stream and ``round(5 * n / 38)`` single-stream blocks, i.e. five of each on
+            Flux.1; SD3, PixArt: every block). Reuse groups there are one per kind (stream).
     """
 
     ratio: float = 0.5
@@ -41,21 +54,19 @@ class ToMA(FlagRoles, Method):
     merge_attn: bool = True
     merge_crossattn: bool = True
     merge_mlp: bool = True
-    max_downsample: int = 4
+    max_downsample: int | None = field(default=4, kw_only=True)
     dest_every: int = 5
     weight_every: int = 1
-    steps: Collection[int] | None = field(default=None)
-    blocks: Mapping[str, object] | None = field(default=None)
 
-    def __post_init__(self) -> None:
-        check_ratio(self.ratio)
-        if len(self.tile) != 2 or any(int(t) != t or t < 1 for t in self.tile):
-            raise ValueError(f"tile must be two positive integers (tile_h, tile_w), got {self.tile!r}")
-        if self.tau <= 0:
-            raise ValueError(f"tau must be positive, got {self.tau}")
-        if self.dest_every < 1 or self.weight_every < 1:
-            raise ValueError("dest_every and weight_every must be >= 1")
-        self.check_placement()
+    cache_type = ToMACache
+
+    def validate(self) -> None:
+        self._set("ratio", check_ratio(self.ratio))
+        self._set("tile", check_tile(self.tile))
+        self._set("tau", real("tau", self.tau, 0.0, math.inf, low_open=True, high_open=True))
+        self.check_flags()
+        self._set("dest_every", integer("dest_every", self.dest_every, 1))
+        self._set("weight_every", integer("weight_every", self.weight_every, 1))
 
     @property
     def is_identity(self) -> bool:
@@ -71,17 +82,15 @@ class ToMA(FlagRoles, Method):
                 last_dest = s
         return weights_due and last_dest == step, weights_due
 
-    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: dict[str, Any], phase: Hashable) -> TileMerge:
+    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: ToMACache, phase: Hashable) -> TileMerge:
         """The group's merge: computed by its first block in a step where weights are due (with new destinations if
         those are due too) or when nothing is cached for this batch size, grid, device and dtype; else reused."""
         dest_due, weights_due = phase
         key = (x.shape[0], *grid, x.device, x.dtype)
-        if cache.get("key") != key:
-            for name in ("merge", "dest", "fresh"):
-                cache.pop(name, None)
-            cache["key"] = key
-        if "merge" not in cache or (weights_due and "fresh" not in cache):
-            dest = None if dest_due else cache.get("dest")
-            cache["merge"], cache["dest"] = toma_merge(x, TileGrid(*grid, *self.tile), self.ratio, self.tau, dest)
-            cache["fresh"] = True
-        return cache["merge"]
+        if cache.key != key:
+            cache.key, cache.merge, cache.dest, cache.fresh = key, None, None, False
+        if cache.merge is None or (weights_due and not cache.fresh):
+            dest = None if dest_due else cache.dest
+            cache.merge, cache.dest = toma_merge(x, TileGrid(*grid, *self.tile), self.ratio, self.tau, dest)
+            cache.fresh = True
+        return cache.merge

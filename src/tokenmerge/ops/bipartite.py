@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tokenmerge.plans import MergePlan
+
 
 def cell_destinations(
     height: int,
@@ -62,7 +64,7 @@ def top_sources(best: torch.Tensor, r: int | torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class SlotMerge:
+class SlotMerge(MergePlan):
     """A hard merge of ``(B, N, C)`` tokens into ``(B, K, C)`` rows by ``slot`` ``(B, N)``; see the module doc.
 
     ``counts`` ``(B, K)``: tokens per row (0 for padding). ``dest`` ``(B, K)``: grid index of every row's position

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from tokenmerge.ops.select import cosine_similarity, facility_location
 from tokenmerge.ops.tiles import TileGrid
+from tokenmerge.plans import MergePlan
 
 
 def keep_count(tile_size: int, ratio: float) -> int:
@@ -39,7 +40,7 @@ def merge_weights(tiles: torch.Tensor, dest: torch.Tensor, tau: float) -> torch.
 
 
 @dataclass
-class TileMerge:
+class TileMerge(MergePlan):
     """A ToMA merge over a :class:`TileGrid`: per region, merge ``(B, T, k, s)`` and unmerge ``(B, T, s, k)``.
 
     ``dest`` holds the grid index of every merged token, ``(B, K)`` in merged order, for position lookups

@@ -14,9 +14,9 @@ Writes ``grid.png`` (per model: the unaccelerated images, then per configuration
 difference to the unaccelerated ones times :data:`DIFF_GAIN`), ``results.json`` and ``results.md`` into ``--out``
 atomically and prints the table.
 
-On the Flux model (4 double- and 8 single-stream blocks), every method merges :data:`FLUX_BLOCKS`: all but the first
-block of each kind, what the depth-scaled default placement (the first ``round(5 n / 19)`` double and ``round(5 n /
-38)`` single blocks full) gives for this depth.
+On the Flux model (4 double- and 8 single-stream blocks), the methods' default placement, which scales with depth
+(the first ``round(5 n / 19)`` double and ``round(5 n / 38)`` single blocks stay full), merges all but the first block
+of each kind.
 """
 
 from __future__ import annotations
@@ -38,23 +38,12 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import tokenmerge as tm
+from tokenmerge.errors import HarnessError
 from tokenmerge.harness import metrics, report
-from tokenmerge.harness.registry import BASELINE, HarnessError, MethodSpec, parse_method
-from tokenmerge.reference import models, scenes
+from tokenmerge.harness.registry import BASELINE, MethodSpec, parse_method
+from tokenmerge.reference import PROMPTS, models, scenes
 from tokenmerge.reference.pipeline import ReferencePipeline, load_pipeline, to_pil
 
-#: Captions of the demo images, cycled: image ``i`` is caption ``i % 8`` with seed ``i``.
-PROMPTS = (
-    "red circle and blue square on green stripes",
-    "yellow triangle and white circle and purple square on blue noise",
-    "green square and red triangle on yellow checks",
-    "blue circle and yellow square and red triangle on white gradient",
-    "purple triangle and green circle on red noise",
-    "white square and blue triangle and green circle on purple stripes",
-    "yellow circle and purple triangle on green gradient",
-    "red square and white triangle and blue circle on yellow checks",
-)
-FLUX_BLOCKS = {"double": (1, None), "single": (1, None)}
 #: Gain of the difference rows of the grid: ``min(DIFF_GAIN * |x - x_base|, 1)`` per channel.
 DIFF_GAIN = 4
 COLUMNS = ["model", "config", "median_s", "speedup", "psnr_db", "ssim", "rel_l2", "caption_acc"]
@@ -84,18 +73,10 @@ class DemoConfig:
         return list(range(self.num_images))
 
 
-def default_specs(model: str) -> list[MethodSpec]:
-    """The baseline and every method at its default setting (on Flux with :data:`FLUX_BLOCKS`)."""
-    flux = dict(blocks=FLUX_BLOCKS) if model == "flux" else {}
+def default_specs() -> list[MethodSpec]:
+    """The baseline and every method at its default setting."""
     methods = {"ToMA": tm.ToMA, "CA-ToMe": tm.CAToMe, "ToMeSD": tm.ToMeSD, "ToDo": tm.ToDo}
-    return [BASELINE] + [MethodSpec(label, cls(**flux)) for label, cls in methods.items()]
-
-
-def for_model(spec: MethodSpec, model: str) -> MethodSpec:
-    """``spec`` with :data:`FLUX_BLOCKS` on Flux when it names no ``blocks`` of its own."""
-    if model != "flux" or spec.method is None or spec.method.blocks is not None:
-        return spec
-    return MethodSpec(spec.label, dataclasses.replace(spec.method, blocks=FLUX_BLOCKS))
+    return [BASELINE] + [MethodSpec(label, cls()) for label, cls in methods.items()]
 
 
 def generate(
@@ -200,8 +181,8 @@ def run_demo(
 ) -> list[dict[str, Any]]:
     """Generate, time and score every configuration on each reference model; write the outputs; return the rows."""
     report.check_output(out, overwrite)
-    extra_specs = [parse_method(s) for s in extra]
-    specs = {m: default_specs(m) + [for_model(s, m) for s in extra_specs if s.method is not None] for m in model_names}
+    extra_specs = [spec for spec in map(parse_method, extra) if spec.method is not None]
+    specs = {m: default_specs() + extra_specs for m in model_names}
     total = sum(len(s) for s in specs.values()) * (cfg.rounds + 1)
     sections = {}
     with tqdm(total=total, disable=not progress, unit="call") as bar:

@@ -1,9 +1,10 @@
 """A small text-to-image pipeline over a reference model, shaped like a diffusers pipeline for ``tokenmerge``.
 
 ``pipe.unet`` or ``pipe.transformer`` is the denoiser and ``pipe.scheduler`` a stock diffusers scheduler;
-``pipe(prompts, seeds, steps, guidance_scale)`` calls ``scheduler.set_timesteps`` and then loops, so
-``tm.apply(pipe, method)`` works exactly as on a diffusers pipeline (the patch wraps ``set_timesteps`` to start a
-new generation). Classifier-free guidance runs the null prompt and the prompts as one batch ``[null, cond]``.
+``pipe(prompts, seeds, steps, guidance_scale)`` calls ``scheduler.set_timesteps`` and then loops over
+``self.progress_bar(timesteps)``, as diffusers pipelines do, so ``tm.apply(pipe, method)`` works exactly as on a
+diffusers pipeline (the patch wraps ``set_timesteps`` to start a new generation and ``progress_bar`` to end it,
+however the loop ends). Classifier-free guidance runs the null prompt and the prompts as one batch ``[null, cond]``.
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ class ReferencePipeline:
     def denoiser(self) -> nn.Module:
         return self.unet if self.name == "unet" else self.transformer
 
+    def progress_bar(self, iterable: Any) -> Any:
+        """The denoising loop's iterable (diffusers' convention; no bar is drawn)."""
+        return iterable
+
     def to(self, device: torch.device | str) -> ReferencePipeline:
         self.denoiser.to(device)
         self.text_encoder.to(device)
@@ -118,7 +123,7 @@ class ReferencePipeline:
         noise = [torch.randn(3, self.size, self.size, generator=torch.Generator().manual_seed(s)) for s in seeds]
         x = torch.stack(noise).to(device)
         self.scheduler.set_timesteps(steps)
-        for t in self.scheduler.timesteps:
+        for t in self.progress_bar(self.scheduler.timesteps):
             out = denoise(self.denoiser, torch.cat((x, x)) if cfg else x, t.to(device), text, pooled)
             if cfg:
                 uncond, cond = out.chunk(2)

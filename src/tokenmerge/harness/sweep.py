@@ -1,0 +1,306 @@
+"""What ``tokenmerge pareto`` sweeps: settings (configurations that apply themselves to a pipeline), and the table of
+per-method placement presets x knob values they are built from.
+
+A :class:`Setting` is anything with a label, a family (one colour per family on the plot), a preset name, a knob
+and its value, a ``default`` flag, and ``apply(target)`` / ``remove(target)``: today a tokenmerge method
+(:class:`MethodSetting`), later a step-cache configuration or a stack of both. :data:`SWEEPS` holds, per method,
+its main knob, the values swept (full and ``--quick``) and named :class:`Preset` s: fixed options plus a named
+placement (:data:`PLACEMENTS`) resolved against the model's :class:`Layout` (UNet levels or DiT block kinds). A
+placement that does not exist on the model (a UNet level on a DiT), an option the method does not take, or a setting
+identical to one already in the sweep is skipped with its reason, before anything runs. Adding a preset is one line
+in :data:`SWEEPS`, e.g. ``Preset("stable", {"stable": True})``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import tokenmerge as tm
+from tokenmerge.errors import HarnessError
+from tokenmerge.harness.registry import methods
+from tokenmerge.patch import adapter_for, find_denoiser
+
+logger = logging.getLogger(__name__)
+
+Options = Mapping[str, Any]
+
+
+class Setting(Protocol):
+    """One configuration of a sweep: what it is (for tables, colours and the targets) and how to put it on a
+    pipeline (or denoiser) and take it off again, leaving the model exactly as it was."""
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def family(self) -> str: ...
+
+    @property
+    def preset(self) -> str: ...
+
+    @property
+    def knob(self) -> str | None: ...
+
+    @property
+    def value(self) -> float | None: ...
+
+    @property
+    def default(self) -> bool: ...
+
+    def apply(self, target: Any) -> None: ...
+
+    def remove(self, target: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class MethodSetting:
+    """A tokenmerge method as a sweep setting (``method=None``: the unaccelerated baseline)."""
+
+    method: tm.Method | None
+    family: str = "baseline"
+    preset: str = "default"
+    knob: str | None = None
+    value: float | None = None
+    default: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.family == "baseline":
+            return "baseline"
+        name = f"{self.family}:{self.knob}={self.value:g}" if self.knob is not None else self.family
+        return name if self.preset == "default" else f"{name}@{self.preset}"
+
+    def apply(self, target: Any) -> None:
+        if self.method is not None:
+            tm.apply(target, self.method)
+
+    def remove(self, target: Any) -> None:
+        if self.method is not None:
+            tm.remove(target)
+
+
+BASELINE = MethodSetting(None)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a denoiser's mergeable blocks are: ``family`` ``"unet"`` (placed by ``max_downsample`` over its
+    ``levels``, the downsampling factors that have transformer blocks) or ``"dit"`` (placed by index ranges per
+    block kind; ``kinds``: kind -> number of blocks)."""
+
+    family: str
+    levels: tuple[int, ...] = ()
+    kinds: Mapping[str, int] = field(default_factory=dict)
+
+
+def layout_of(target: Any) -> Layout:
+    """The :class:`Layout` of a pipeline's (or a denoiser's) blocks, from its tokenmerge adapter."""
+    adapter = adapter_for(find_denoiser(target))
+    sites = adapter.sites()
+    kinds: dict[str, int] = {}
+    for site in sites:
+        if site.kind is not None:
+            kinds[site.kind] = max(kinds.get(site.kind, 0), site.index + 1)
+    family = "dit" if adapter.default_blocks else "unet"
+    return Layout(family, tuple(sorted({s.downsample for s in sites})), kinds)
+
+
+def _every(layout: Layout) -> Options:
+    if layout.family == "unet":
+        return {"max_downsample": max(layout.levels, default=1)}
+    return {"blocks": {kind: (0, None) for kind in layout.kinds}}
+
+
+#: Named placements: layout -> the options that place a method there, or ``None`` where the layout has no such place.
+PLACEMENTS: dict[str, Callable[[Layout], Options | None]] = {
+    "model": lambda layout: {},  # the method's own default placement (plus the model's method defaults)
+    "top": lambda layout: {"max_downsample": 1} if layout.family == "unet" else None,
+    "two": lambda layout: (
+        {"max_downsample": 2} if layout.family == "unet" and max(layout.levels, default=1) > 1 else None
+    ),
+    "every": _every,
+    "late": lambda layout: (
+        {"blocks": {kind: (n // 2, None) for kind, n in layout.kinds.items()}} if layout.family == "dit" else None
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Fixed ``options`` of a method and a named ``placement`` (a key of :data:`PLACEMENTS`)."""
+
+    name: str
+    options: Options = field(default_factory=dict)
+    placement: str = "model"
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class MethodSweep:
+    """A method's main ``knob``, the ``values`` swept (``quick_values`` with ``--quick``) and its ``presets`` (those
+    named in ``quick_presets`` with ``--quick``). The method's default value is always added to the default preset."""
+
+    knob: str
+    values: tuple[Any, ...]
+    quick_values: tuple[Any, ...]
+    presets: tuple[Preset, ...]
+    quick_presets: tuple[str, ...] = ("default",)
+
+    def preset(self, name: str) -> Preset:
+        return next(p for p in self.presets if p.name == name)
+
+
+ATTN_ONLY: Options = {"merge_crossattn": False, "merge_mlp": False}
+WHOLE_BLOCK: Options = {"merge_attn": True, "merge_crossattn": True, "merge_mlp": True}
+
+#: Registry name (``tokenmerge list``) -> its sweep.
+SWEEPS: dict[str, MethodSweep] = {
+    "toma": MethodSweep(
+        knob="ratio",
+        values=(0.125, 0.25, 0.375, 0.5, 0.625, 0.75),
+        quick_values=(0.25, 0.5, 0.75),
+        presets=(
+            Preset("default", doc="whole blocks (self-attention, cross-attention queries, MLP), UNet levels <= 4x"),
+            Preset("attn", ATTN_ONLY, doc="self-attention only, same levels / blocks"),
+            Preset("top", ATTN_ONLY, "top", doc="UNet: self-attention at the top level only (tomesd's placement)"),
+            Preset("every", placement="every", doc="every UNet level / every DiT block"),
+            Preset("late", placement="late", doc="DiT: the second half of each block kind"),
+        ),
+        quick_presets=("default", "attn"),
+    ),
+    "tomesd": MethodSweep(
+        knob="ratio",
+        values=(0.25, 0.375, 0.5, 0.625, 0.75),
+        quick_values=(0.25, 0.5, 0.75),
+        presets=(
+            Preset("default", doc="tomesd's default: self-attention at the top level"),
+            Preset("toma", {**WHOLE_BLOCK, "max_downsample": 4}, doc="ToMA's placement: whole blocks, levels <= 4x"),
+            Preset("every", placement="every", doc="every UNet level / every DiT block"),
+        ),
+    ),
+    "catome": MethodSweep(
+        knob="threshold",
+        values=(0.9, 0.8, 0.7, 0.6, 0.5),
+        quick_values=(0.9, 0.7, 0.5),
+        presets=(Preset("default", doc="self-attention at the top level, config3 checkpoints"),),
+    ),
+    "todo": MethodSweep(
+        knob="factor",
+        values=(2, 3, 4),
+        quick_values=(2, 4),
+        presets=(
+            Preset("default", doc="keys/values of the top level's self-attention"),
+            Preset("two", placement="two", doc="UNet: levels <= 2x"),
+            Preset("every", placement="every", doc="every UNet level / every DiT block"),
+        ),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A setting left out of the sweep, and why."""
+
+    label: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """The settings to measure (baseline first) and those skipped."""
+
+    settings: list[Setting]
+    skipped: list[Skipped]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which methods, presets and values to sweep; ``None`` entries mean every method / the table's presets /
+    its values (the quick ones when ``quick``)."""
+
+    methods: Sequence[str] | None = None
+    presets: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    values: Mapping[str, Sequence[Any]] = field(default_factory=dict)
+    quick: bool = False
+
+    def check(self) -> None:
+        """Raise :class:`HarnessError` for unknown methods or presets and impossible knob values."""
+        known = methods()
+        for name in [*(self.methods or ()), *self.presets, *self.values]:
+            if name not in SWEEPS:
+                have = "no sweep is defined for it" if name in known else "unknown method"
+                raise HarnessError(f"{name!r}: {have}; sweepable methods: {', '.join(SWEEPS)}")
+        for name in [*self.presets, *self.values]:
+            if self.methods is not None and name not in self.methods:
+                raise HarnessError(f"presets or values given for {name!r}, which is not among the swept methods")
+        for name, presets in self.presets.items():
+            names = [p.name for p in SWEEPS[name].presets]
+            for preset in presets:
+                if preset not in names:
+                    raise HarnessError(f"{name} has no preset {preset!r}; presets: {', '.join(names)}")
+        for name, values in self.values.items():
+            knob = SWEEPS[name].knob
+            for value in values:
+                try:
+                    known[name](**{knob: value})
+                except (ValueError, TypeError) as exc:
+                    raise HarnessError(f"{name} {knob}={value!r}: {exc}") from None
+
+    def chosen(self) -> list[str]:
+        return list(self.methods) if self.methods is not None else list(SWEEPS)
+
+
+def _knob_default(cls: type, knob: str) -> Any:
+    return next(f.default for f in dataclasses.fields(cls) if f.name == knob)
+
+
+def build_settings(
+    layout: Layout, selection: Selection | None = None, method_defaults: Options | None = None
+) -> SweepPlan:
+    """The baseline, then for every chosen method, preset and value the :class:`MethodSetting`, placed on ``layout``.
+
+    ``method_defaults``: options every method gets unless its preset sets them (a model whose library default
+    placement does not fit, e.g. the reference Flux model's blocks). The default setting of a method is its default
+    preset at the knob's default value; it is always included and marked ``default``.
+    """
+    selection = selection or Selection()
+    selection.check()
+    registry = methods()
+    settings: list[Setting] = [BASELINE]
+    skipped: list[Skipped] = []
+    seen: list[tuple[tm.Method, str]] = []  # methods hold dicts (blocks): compared, not hashed
+    for name in selection.chosen():
+        sweep, cls = SWEEPS[name], registry[name]
+        default_value = _knob_default(cls, sweep.knob)
+        names = selection.presets.get(name) or (sweep.quick_presets if selection.quick else None)
+        names = ["default", *(n for n in (names or [p.name for p in sweep.presets]) if n != "default")]
+        values = list(selection.values.get(name) or (sweep.quick_values if selection.quick else sweep.values))
+        for preset in map(sweep.preset, names):
+            chosen = {*values, default_value} if preset.name == "default" else set(values)
+            for value in sorted(chosen):
+                label = MethodSetting(None, name, preset.name, sweep.knob, value).label
+                placed = PLACEMENTS[preset.placement](layout)
+                if placed is None:
+                    skipped.append(
+                        Skipped(label, f"placement {preset.placement!r} does not exist on a {layout.family}")
+                    )
+                    continue
+                try:
+                    method = cls(**{**(method_defaults or {}), **preset.options, **placed, sweep.knob: value})
+                except (ValueError, TypeError) as exc:
+                    skipped.append(Skipped(label, f"invalid options: {exc}"))
+                    continue
+                same = next((other for m, other in seen if m == method), None)
+                if same is not None:
+                    skipped.append(Skipped(label, f"same configuration as {same}"))
+                    continue
+                seen.append((method, label))
+                is_default = preset.name == "default" and value == default_value
+                settings.append(MethodSetting(method, name, preset.name, sweep.knob, value, is_default))
+    for item in skipped:
+        logger.info("skipped %s: %s", item.label, item.reason)
+    return SweepPlan(settings, skipped)

@@ -1,0 +1,224 @@
+"""The torch hooks ``apply`` installs around one block, grouped by what they do (one small class per hook set).
+
+Every hook reads the block's current plan from its :class:`BlockRun`, which the block's :class:`PlanHook` fills
+before the block runs. Hooks are bound methods or callable objects (no closures), so that ``copy.deepcopy`` of a
+patched model gives hooks that act on the copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from tokenmerge.adapters.base import Site
+from tokenmerge.plans import KVPlan, MergePlan
+
+
+@dataclass(eq=False)
+class BlockRun:
+    """One patched block at run time: the plan of its current call (``None``: unmerged), the roles running merged
+    right now (for the site's keyword and output maps), and its last call's image tokens in and out."""
+
+    site: Site
+    plan: MergePlan | KVPlan | None = None
+    running: dict[str, MergePlan | KVPlan] = field(default_factory=dict)
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+
+    @property
+    def grid_tokens(self) -> int:
+        hw = self.site.grid.hw
+        return 0 if hw is None else hw[0] * hw[1]
+
+
+class Planner(Protocol):
+    def plan_block(self, run: BlockRun, x: torch.Tensor) -> None: ...
+
+
+@dataclass(eq=False)
+class PlanHook:
+    """Pre-hook of a block: plan its merge from its input tokens."""
+
+    planner: Planner
+    run: BlockRun
+
+    def __call__(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.planner.plan_block(self.run, args[0] if args else kwargs["hidden_states"])
+
+
+@dataclass(eq=False)
+class MergeHooks:
+    """A sub-module that runs on merged tokens: the pre-hook merges its first input (and hands a plan's key bias to a
+    plain self-attention as ``attention_mask``), the post-hook unmerges its output before the residual add."""
+
+    run: BlockRun
+    role: str
+    stack: list[MergePlan | None] = field(default_factory=list)  # the pre-hook's decision, for the post-hook
+
+    def install(self, module: nn.Module) -> list[RemovableHandle]:
+        return [
+            module.register_forward_pre_hook(self.merge, with_kwargs=True),
+            module.register_forward_hook(self.unmerge, with_kwargs=True),
+        ]
+
+    def merge(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        plan, x = self.run.plan, args[0] if args else kwargs.get("hidden_states")
+        if plan is None or not isinstance(x, torch.Tensor) or x.shape[1] != self.run.grid_tokens:
+            self.stack.append(None)
+            return None
+        self.stack.append(plan)
+        self.run.running[self.role] = plan
+        if self.role == "attn" and plan.key_bias is not None and not self.run.site.masks_keys:
+            kwargs = {**kwargs, "attention_mask": plan.key_bias}  # padded rows masked out as keys
+        if args:
+            return (plan.merge(x), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": plan.merge(x)}
+
+    def unmerge(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        plan = self.stack.pop() if self.stack else None
+        if plan is None:
+            return None
+        self.run.running.pop(self.role, None)
+        return on_image(output, plan.unmerge)
+
+
+@dataclass(eq=False)
+class SpanHooks:
+    """A joint sequence ``[prefix, image]`` between two modules: merge the image suffix of ``entry``'s output,
+    unmerge that of ``exit``'s output; the prefix (text) passes through."""
+
+    run: BlockRun
+    role: str
+    stack: list[tuple[MergePlan, int] | None] = field(default_factory=list)
+
+    def install(self, entry: nn.Module, exit_: nn.Module) -> list[RemovableHandle]:
+        return [entry.register_forward_hook(self.merge), exit_.register_forward_hook(self.unmerge)]
+
+    def merge(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        plan, x = self.run.plan, output[0] if isinstance(output, tuple) else output
+        n = self.run.grid_tokens
+        if plan is None or not isinstance(x, torch.Tensor) or x.ndim != 3 or not 0 < n <= x.shape[1]:
+            self.stack.append(None)
+            return None
+        prefix = x.shape[1] - n
+        self.stack.append((plan, prefix))
+        self.run.running[self.role] = plan
+        return on_image(output, lambda t: torch.cat((t[:, :prefix], plan.merge(t[:, prefix:])), 1))
+
+    def unmerge(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        top = self.stack.pop() if self.stack else None
+        if top is None:
+            return None
+        plan, prefix = top
+        self.run.running.pop(self.role, None)
+        return on_image(output, lambda t: torch.cat((t[:, :prefix], plan.unmerge(t[:, prefix:])), 1))
+
+
+@dataclass(eq=False)
+class KVHooks:
+    """Keys/values plans on one attention module: while it runs a self-attention (``to_k``/``to_v`` take the very
+    tensor ``to_q`` took), the last ``H*W`` tokens of their input (the image) become the plan's ``kv`` of them; the
+    queries keep every token. Raises if an active plan found no such projections (fused or unknown ones)."""
+
+    run: BlockRun
+    plan: KVPlan | None = None
+    queries: torch.Tensor | None = None
+    projected: int = 0
+
+    def install(self, attention: nn.Module) -> list[RemovableHandle]:
+        handles = [
+            attention.register_forward_pre_hook(self.enter, with_kwargs=True),
+            attention.register_forward_hook(self.leave, with_kwargs=True),
+        ]
+        for name, hook in (("to_q", self.take_queries), ("to_k", self.keys_values), ("to_v", self.keys_values)):
+            projection = getattr(attention, name, None)
+            if isinstance(projection, nn.Module):
+                handles.append(projection.register_forward_pre_hook(hook))
+        return handles
+
+    def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.run.plan is not None:
+            self.plan, self.queries, self.projected = self.run.plan, None, 0
+            self.run.running["attn"] = self.plan
+
+    def leave(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        plan, projected = self.plan, self.projected
+        self.plan, self.queries, self.projected = None, None, 0
+        self.run.running.pop("attn", None)
+        if plan is not None and projected < 2:
+            raise ValueError(
+                f"{self.run.site.name}: {type(getattr(module, 'processor', None)).__name__} attention does not project "
+                "keys and values through to_q/to_k/to_v from the same tokens (fused projections or not a "
+                "self-attention): keys/values methods cannot run here (call unfuse_qkv_projections())"
+            )
+
+    def take_queries(self, module: nn.Module, args: tuple) -> None:
+        if self.plan is not None:
+            self.queries = args[0]
+
+    def keys_values(self, module: nn.Module, args: tuple) -> tuple | None:
+        x, plan, n = args[0], self.plan, self.run.grid_tokens
+        if plan is None or x is not self.queries or x.ndim != 3 or not 0 < n <= x.shape[1]:
+            return None
+        self.projected += 1
+        prefix = x.shape[1] - n
+        return (torch.cat((x[:, :prefix], plan.kv(x[:, prefix:])), 1), *args[1:])
+
+
+@dataclass(eq=False)
+class KwargMap:
+    """Pre-hook: while ``role`` runs merged, a module's keyword arguments become ``fn(kwargs, plan)``."""
+
+    run: BlockRun
+    role: str
+    fn: Any
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        plan = self.run.running.get(self.role)
+        return None if plan is None else (args, self.fn(kwargs, plan))
+
+
+@dataclass(eq=False)
+class OutputMap:
+    """Forward hook: while ``role`` runs merged, a module's output becomes ``fn(output, plan)``."""
+
+    run: BlockRun
+    role: str
+    fn: Any
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        plan = self.run.running.get(self.role)
+        return None if plan is None else self.fn(output, plan)
+
+
+def install_block(run: BlockRun, planner: Planner, roles: frozenset[str], keys_values: bool) -> list[RemovableHandle]:
+    """Every hook of one block: its plan hook, then the hook sets of the merged ``roles`` (or of its
+    self-attentions' keys and values), then the site's keyword and output maps."""
+    site = run.site
+    handles = [site.block.register_forward_pre_hook(PlanHook(planner, run), with_kwargs=True)]
+    if keys_values:
+        for attention in site.self_attention:
+            handles += KVHooks(run).install(attention)
+        roles = frozenset({"attn"})
+    else:
+        for role in roles & site.modules.keys():
+            for module in (site.modules[role], *site.extra_modules.get(role, ())):
+                handles += MergeHooks(run, role).install(module)
+        for role in roles & site.spans.keys():
+            handles += SpanHooks(run, role).install(*site.spans[role])
+    for role in roles & site.kwarg_maps.keys():
+        for module, fn in site.kwarg_maps[role]:
+            handles.append(module.register_forward_pre_hook(KwargMap(run, role, fn), with_kwargs=True))
+    for role in roles & site.output_maps.keys():
+        for module, fn in site.output_maps[role]:
+            handles.append(module.register_forward_hook(OutputMap(run, role, fn)))
+    return handles
+
+
+def on_image(output: Any, fn: Any) -> Any:
+    """Apply ``fn`` to a module output, or to the first element (the image tokens) of a tuple output."""
+    return (fn(output[0]), *output[1:]) if isinstance(output, tuple) else fn(output)
