@@ -232,14 +232,14 @@ def test_cli_analyze_reference_caption_outside_the_vocabulary(tmp_path: Path, ca
 
 
 def test_trained_reference_unet_has_near_duplicate_tokens_a_random_one_lacks() -> None:
-    """Issue #6 point 4: the trained reference UNet says what random weights cannot. At its top level (32x32
+    """Issue #6 point 4: the trained reference UNet says what random weights cannot. At its top level (64x64
     tokens) the trained model's block inputs hold near-duplicate tokens; the same architecture with random weights
     (``models.build``, seeds 0 and 1) has almost none. Measured with this setting (2 demo captions, seed 0, 3 steps,
-    guidance 3; mean over the 3 top-level blocks, the steps and runs): share of tokens whose best match in their 4x4
-    tile has cosine >= 0.9: trained 0.331, random 0.000 (init seed 0) and 0.002 (seed 1); share of 2x2-cell sources
-    whose best match is >= 0.7: trained 0.963, random 0.696 and 0.790. Merge stability shows no such gap (ToMA
-    destinations, Jaccard distance to the previous step over the last two of 10 steps: trained 0.394, random 0.306
-    and 0.297), so it is not asserted."""
+    guidance 3; mean over the 3 top-level blocks, the steps and runs; 2026-12-03): share of tokens whose best match in
+    their 4x4 tile has cosine >= 0.9: trained 0.536, random 0.003 (init seed 0) and 0.000 (seed 1); share of 2x2-cell
+    sources whose best match is >= 0.7: trained 0.990, random 0.947 and 0.857 (at 64x64 even random features are
+    smooth over 2x2 cells, so that gap is small). Merge stability showed no such gap on the earlier 32x32 model, so it
+    is not asserted."""
 
     def top_level(pipe: ReferencePipeline) -> dict[str, float]:
         stats = analyze(pipe, PROMPTS[:2], [0], 3, Observe(), call=reference_call)
@@ -255,4 +255,4 @@ def test_trained_reference_unet_has_near_duplicate_tokens_a_random_one_lacks() -
         denoiser, text_encoder = models.build("unet", seed=seed)
         random = top_level(ReferencePipeline("unet", denoiser.eval(), text_encoder.eval()))
         assert trained["tile_share>=0.9"] > 0.2 > 0.05 > random["tile_share>=0.9"], (trained, random)
-        assert trained["cell_share>=0.7"] > random["cell_share>=0.7"] + 0.1, (trained, random)
+        assert trained["cell_share>=0.7"] > random["cell_share>=0.7"] + 0.02, (trained, random)
