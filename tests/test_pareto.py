@@ -17,7 +17,7 @@ import torch
 import tokenmerge as tm
 from tokenmerge.cli import main
 from tokenmerge.harness import runners, sweep, timing
-from tokenmerge.harness.pareto import Metric, Point, check_targets, front, run_sweep, standard_metrics
+from tokenmerge.harness.pareto import Metric, Point, check_targets, front, run_sweep, scene_metrics, standard_metrics
 from tokenmerge.harness.registry import HarnessError
 from tokenmerge.harness.runners import ImageSet
 from tokenmerge.harness.sweep import Layout, Preset, Selection, build_settings
@@ -243,6 +243,9 @@ def test_reference_unet_small(tmp_path: Path) -> None:
     configs = [r["config"] for r in data["settings"]]
     assert configs == ["baseline", "tomesd:ratio=0.5", "tomesd:ratio=0.5@toma", "catome:threshold=0.7"]
     assert data["meta"]["prompts"] == runners.reference_captions(1)
+    base, *others = data["settings"]  # scene metrics: caption accuracy in [0, 1]; one image has no Fréchet distance
+    assert 0 <= base["caption_acc"] <= 1 and all(0 <= r["caption_acc"] <= 1 for r in others)
+    assert all(math.isnan(r["scene_fd"]) for r in data["settings"])
 
 
 def test_reference_flux_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
@@ -265,6 +268,7 @@ def test_reference_flux_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
         (["--preset", "toma"], "--preset 'toma': expected METHOD=A", False),
         (["--values", "toma=1.5"], r"ratio must be .*in \[0, 1\)", False),
         (["--metric", "lpips"], "--metric lpips needs --lpips-backbone", False),
+        (["--metric", "caption_acc"], "--metric caption_acc needs a reference model", False),
         (["--out", "FILE/out"], "is a file, not a folder", False),
         (["--out", "EXISTS"], "already exists", False),
         (["--rounds", "0"], "--rounds must be >= 1", False),
@@ -291,3 +295,17 @@ def test_bad_input_one_line_before_any_work(
     assert len(err.strip().splitlines()) == 1 and err.startswith("tokenmerge: error: "), err
     assert re.search(message, err), err
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_scene_metrics_read_the_captions_and_compare_distributions() -> None:
+    from tokenmerge.reference import scenes
+    from tokenmerge.reference.data import make_batch
+
+    images, prompts = make_batch(scenes.HELD_OUT_SEED, 5, 16)
+    other = make_batch(scenes.HELD_OUT_SEED, 6, 16)[0]
+    noise = torch.rand(16, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    acc, fd = scene_metrics()
+    assert acc.higher_is_better and not fd.higher_is_better
+    assert acc.score(images, images, prompts) > 0.95 > 0.6 > acc.score(images, images, prompts[1:] + prompts[:1])
+    assert fd.score(images, images, prompts) < 1e-3
+    assert fd.score(other, images, prompts) < fd.score(noise, images, prompts)

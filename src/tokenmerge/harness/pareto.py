@@ -95,6 +95,25 @@ def standard_metrics(lpips: Any | None = None, dino: Any | None = None) -> list[
     return out
 
 
+def scene_metrics() -> list[Metric]:
+    """The reference models' scene metrics (:mod:`tokenmerge.reference.scenes`): ``caption_acc``, the mean share of
+    each caption's attributes the scene classifier reads back from the setting's images (an offline CLIP-T; the
+    baseline's own value says how far the model itself is from its captions), and ``scene_fd``, the Fréchet distance
+    between the classifier features of the setting's and the baseline's images (an offline FID; small sets bias it
+    upwards, so compare settings of one sweep only)."""
+    from tokenmerge.reference import scenes
+
+    def caption_acc(x: torch.Tensor, ref: torch.Tensor, prompts: Sequence[str]) -> float:
+        return float(scenes.caption_accuracy(x, prompts).double().mean())
+
+    def scene_fd(x: torch.Tensor, ref: torch.Tensor, prompts: Sequence[str]) -> float:
+        if len(x) < 2:
+            return math.nan
+        return scenes.frechet_distance(scenes.scene_features(x), scenes.scene_features(ref))
+
+    return [Metric("caption_acc", True, caption_acc), Metric("scene_fd", False, scene_fd)]
+
+
 @dataclass
 class Point:
     """A measured setting: its times, speed-up and scores (metric name -> value)."""

@@ -29,7 +29,9 @@ from tokenmerge.harness.pareto import Metric, Point, SweepResult, TargetReport
 from tokenmerge.harness.sweep import SWEEPS, Selection, Skipped
 
 COLUMNS = ["config", "family", "preset", "value", "default", "front", "speedup", "median_s"]
-METRICS = ("psnr", "ssim", "rel_l2", "lpips", "dino_delta")
+METRICS = ("psnr", "ssim", "rel_l2", "lpips", "dino_delta", "caption_acc", "scene_fd")
+#: Metrics measured on the reference models only (:func:`tokenmerge.harness.pareto.scene_metrics`).
+SCENE_METRICS = ("caption_acc", "scene_fd")
 #: (full, --quick) defaults of the image set and schedule: reference models / diffusers pipelines.
 NUM_PROMPTS = {"reference": (8, 4), "pipeline": (4, 2)}
 STEPS = {"reference": (15, 10), "pipeline": (20, 10)}
@@ -299,7 +301,7 @@ def _defaults(args: argparse.Namespace, kind: str) -> tuple[int, int, int]:
 def run(args: argparse.Namespace) -> int:
     """Check everything, build the settings, sweep, write, print the table."""
     from tokenmerge.harness import metrics, models
-    from tokenmerge.harness.pareto import check_targets, run_sweep, standard_metrics
+    from tokenmerge.harness.pareto import check_targets, run_sweep, scene_metrics, standard_metrics
     from tokenmerge.harness.prompts import load_prompts
     from tokenmerge.harness.runners import REFERENCE, open_runner
     from tokenmerge.harness.sweep import build_settings, layout_of
@@ -318,6 +320,8 @@ def run(args: argparse.Namespace) -> int:
         raise HarnessError("--metric dino_delta needs --dino")
     if args.lpips_linear and not args.lpips_backbone:
         raise HarnessError("--lpips-linear needs --lpips-backbone")
+    if args.metric in SCENE_METRICS and args.model not in REFERENCE:
+        raise HarnessError(f"--metric {args.metric} needs a reference model ({', '.join(REFERENCE)})")
     if not args.dry_run:
         report.check_output(args.out, args.overwrite)
     kind = "reference" if args.model in REFERENCE else "pipeline"
@@ -341,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
         for skip in plan.skipped:
             print(f"skipped {skip.label}: {skip.reason}")
         return 0
-    all_metrics = standard_metrics(lpips, dino)
+    all_metrics = standard_metrics(lpips, dino) + (scene_metrics() if kind == "reference" else [])
     result = run_sweep(runner, plan.settings, all_metrics, schedule, progress=not args.quiet)
     metric = result.metric(args.metric)
     families = list(dict.fromkeys(p.setting.family for p in result.points[1:]))

@@ -1,7 +1,11 @@
 """Deterministic training of the reference models on the procedural scenes (:mod:`tokenmerge.reference.data`).
 
-    python -m tokenmerge.reference.train --model unet --out DIR --steps 2400 --batch 8   # the packaged weights
-    python -m tokenmerge.reference.train --model flux --out DIR --steps 900 --batch 24
+    python -m tokenmerge.reference.train --model unet --out DIR --steps 1300 --batch 8 --low-res-steps 1100 \
+        --low-res-batch 16 --bf16 --seed 5 --init STAGE1/unet_step800.safetensors    # the packaged stage 2
+    python -m tokenmerge.reference.train --model flux --out DIR --steps 1400 --batch 8 --low-res-steps 1200 \
+        --low-res-batch 16 --bf16 --seed 5 --init STAGE1/flux_step800.safetensors
+
+(stage 1 and the classifier's command: docs/reference_models.md).
 
 Fixed seeds and data order: step ``s`` reads batch ``s`` of the dataset, and the noise, timesteps and condition
 dropout come from one generator seeded once; with the same thread count a run is bit-reproducible.
