@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tokenmerge.methods.base import FlagRoles, Method, PlanCache, check_ratio, check_tile, integer, real
+from tokenmerge.ops.select import TIE_TOL
 from tokenmerge.ops.tiles import TileGrid
 from tokenmerge.ops.toma import TileMerge, toma_merge
 
@@ -32,6 +33,9 @@ class ToMA(FlagRoles, Method):
         tile: ``(tile_h, tile_w)`` of the local windows in which destinations are chosen and tokens merged (an
             integer ``t``: ``(t, t)``).
         tau: softmax temperature of the merge assignment (large = nearly hard assignment), positive and finite.
+        tie_tol: destination selection treats gains within ``tie_tol`` per tile token of the best as tied and takes
+            the lowest index among them, so rounding noise (batch mates, attention backend, compiler) cannot flip
+            picks; 0 keeps exact ties only.
         merge_attn / merge_crossattn / merge_mlp: run self-attention / cross-attention queries / the MLP on merged
             tokens (the whole block by default; attention alone is more faithful and slower, see docs/benchmarks.md).
         dest_every: recompute destinations every this many steps (reused in between).
@@ -51,6 +55,7 @@ class ToMA(FlagRoles, Method):
     ratio: float = 0.5
     tile: tuple[int, int] = (4, 4)
     tau: float = 1000.0
+    tie_tol: float = TIE_TOL
     merge_attn: bool = True
     merge_crossattn: bool = True
     merge_mlp: bool = True
@@ -64,6 +69,7 @@ class ToMA(FlagRoles, Method):
         self._set("ratio", check_ratio(self.ratio))
         self._set("tile", check_tile(self.tile))
         self._set("tau", real("tau", self.tau, 0.0, math.inf, low_open=True, high_open=True))
+        self._set("tie_tol", real("tie_tol", self.tie_tol, 0.0, 1.0, high_open=True))
         self.check_flags()
         self._set("dest_every", integer("dest_every", self.dest_every, 1))
         self._set("weight_every", integer("weight_every", self.weight_every, 1))
@@ -91,6 +97,7 @@ class ToMA(FlagRoles, Method):
             cache.key, cache.merge, cache.dest, cache.fresh = key, None, None, False
         if cache.merge is None or (weights_due and not cache.fresh):
             dest = None if dest_due else cache.dest
-            cache.merge, cache.dest = toma_merge(x, TileGrid(*grid, *self.tile), self.ratio, self.tau, dest)
+            tiles = TileGrid(*grid, *self.tile)
+            cache.merge, cache.dest = toma_merge(x, tiles, self.ratio, self.tau, dest, self.tie_tol)
             cache.fresh = True
         return cache.merge

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokenmerge.ops.select import cosine_similarity, facility_location
+from tokenmerge.ops.select import TIE_TOL, cosine_similarity, facility_location
 from tokenmerge.ops.tiles import TileGrid
 from tokenmerge.plans import MergePlan
 
@@ -24,9 +24,10 @@ def keep_count(tile_size: int, ratio: float) -> int:
     return max(1, min(tile_size, round((1.0 - ratio) * tile_size)))
 
 
-def select_destinations(tiles: torch.Tensor, k: int) -> torch.Tensor:
-    """``(B, T, s, C)`` tokens -> ``(B, T, k)`` tile-local destination indices (facility location per tile/sample)."""
-    return facility_location(cosine_similarity(tiles), k)
+def select_destinations(tiles: torch.Tensor, k: int, tie_tol: float = TIE_TOL) -> torch.Tensor:
+    """``(B, T, s, C)`` tokens -> ``(B, T, k)`` tile-local destination indices (facility location per tile/sample,
+    stable ties: see :func:`~tokenmerge.ops.select.facility_location`)."""
+    return facility_location(cosine_similarity(tiles), k, tie_tol)
 
 
 def merge_weights(tiles: torch.Tensor, dest: torch.Tensor, tau: float) -> torch.Tensor:
@@ -105,8 +106,10 @@ def toma_merge(
     ratio: float,
     tau: float = 1000.0,
     dest: list[torch.Tensor] | None = None,
+    tie_tol: float = TIE_TOL,
 ) -> tuple[TileMerge, list[torch.Tensor]]:
-    """Build the ToMA merge of ``x`` ``(B, N, C)`` on ``grid``; reuses tile-local ``dest`` if given.
+    """Build the ToMA merge of ``x`` ``(B, N, C)`` on ``grid``; reuses tile-local ``dest`` if given, else selects
+    them with tie tolerance ``tie_tol``.
 
     Returns the merge and the tile-local destinations (one ``(B, T_r, k_r)`` tensor per region) for later reuse.
     Dispatches to the fused Triton kernels when :func:`use_triton`, else to :func:`toma_merge_torch`.
@@ -114,8 +117,8 @@ def toma_merge(
     if use_triton(x):
         from tokenmerge.ops.triton_toma import toma_merge_triton
 
-        return toma_merge_triton(x, grid, ratio, tau, dest)
-    return toma_merge_torch(x, grid, ratio, tau, dest)
+        return toma_merge_triton(x, grid, ratio, tau, dest, tie_tol)
+    return toma_merge_torch(x, grid, ratio, tau, dest, tie_tol)
 
 
 def toma_merge_torch(
@@ -124,10 +127,11 @@ def toma_merge_torch(
     ratio: float,
     tau: float = 1000.0,
     dest: list[torch.Tensor] | None = None,
+    tie_tol: float = TIE_TOL,
 ) -> tuple[TileMerge, list[torch.Tensor]]:
     """The pure-torch :func:`toma_merge` (any device)."""
     tiles = grid.fold(x)
     if dest is None:
-        dest = [select_destinations(t, keep_count(t.shape[2], ratio)) for t in tiles]
+        dest = [select_destinations(t, keep_count(t.shape[2], ratio), tie_tol) for t in tiles]
     assign = [merge_weights(t, d, tau) for t, d in zip(tiles, dest, strict=True)]
     return TileMerge.from_assignment(grid, assign, dest, x.dtype), dest
