@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from tokenmerge.ops.select import TIE_TOL, cosine_similarity, facility_location
 from tokenmerge.ops.tiles import TileGrid
-from tokenmerge.ops.toma import keep_count, merge_weights, select_destinations, toma_merge
+from tokenmerge.ops.toma import MergedKV, keep_count, merge_weights, select_destinations, toma_merge
+from tokenmerge.plans import KVPlan
 
 # (H, W, tile_h, tile_w): divisible, ragged on one or both sides, degenerate and oversized tiles.
 GRID_CASES = [
@@ -558,3 +559,62 @@ def test_cosine_similarity_of_zero_vectors_is_zero():
     assert torch.isfinite(sim).all()
     assert sim[0].abs().sum() == 0 and sim[2].abs().sum() == 0
     torch.testing.assert_close(sim[1, 1], torch.tensor(1.0))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# locality prior and keys/values plans
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_sq_distances_of_tile_slots():
+    region = TileGrid(6, 6, 2, 3).regions[0]
+    d2 = region.sq_distances()
+    assert d2.shape == (6, 6) and torch.equal(d2, d2.T) and (d2.diagonal() == 0).all()
+    assert d2[0, 5] == 1 + 4 and d2[1, 3] == 1 + 1 and d2[2, 0] == 4  # slot i is (i // 3, i % 3)
+
+
+def test_locality_prior_enters_selection_and_weights():
+    grid = TileGrid(8, 8, 4, 4)
+    x = _randn(2, 64, 8, seed=4)
+    prior = 0.01 * grid.regions[0].sq_distances()
+    tiles = grid.fold(x)[0]
+    plan, dest = toma_merge(x, grid, 0.5, tau=10.0, locality=0.01)
+    want_dest = facility_location(cosine_similarity(tiles) - prior, 8)
+    assert torch.equal(dest[0], want_dest)
+    xn = F.normalize(tiles, dim=-1)
+    logits = torch.gather(xn, 2, want_dest.unsqueeze(-1).expand(-1, -1, -1, 8)) @ xn.transpose(-1, -2)
+    want = torch.softmax(10.0 * (logits - prior[want_dest]), dim=-2)
+    want = torch.where(F.one_hot(want_dest, 16).sum(-2, keepdim=True) > 0, F.one_hot(want_dest, 16).float(), want)
+    torch.testing.assert_close(plan.unmerge_mats[0].transpose(-1, -2), want)
+    _, dest0 = toma_merge(x, grid, 0.5, tau=10.0, locality=0.0)
+    assert torch.equal(dest0[0], select_destinations(tiles, 8))
+
+
+@pytest.mark.parametrize("case", [(8, 8, 4, 4), (7, 10, 2, 3)], ids=_grid_id)
+def test_locality_on_flat_tiles_spreads_destinations_and_assigns_to_the_nearest(case):
+    """On a constant tile every cosine is 1: the prior alone decides, so destinations spread over the tile (not the
+    first k slots that the tie rule alone gives) and every token merges into a nearest destination."""
+    h, w, th, tw = case
+    grid = TileGrid(h, w, th, tw)
+    x = torch.ones(1, h * w, 4)
+    plan, dest = toma_merge(x, grid, 0.75, locality=0.01)
+    for r, d, u in zip(grid.regions, dest, plan.unmerge_mats, strict=True):
+        d2 = r.sq_distances()
+        nearest = d2[:, d[0, 0]].amin(-1)  # (s,) distance of every slot to its nearest destination
+        assert torch.equal(d2[torch.arange(r.tile_size), d[0, 0][u[0, 0].argmax(-1)]], nearest)
+        if r.tile_size == 16:
+            assert nearest.max() <= 2  # four destinations covering a 4x4 tile: every token within one diagonal step
+    torch.testing.assert_close(plan.unmerge(plan.merge(x)), x)
+
+
+def test_merged_kv_plan():
+    """Keys/values of a ToMA merge: the merged tokens ``M x``, or (``select``) the destination tokens themselves,
+    per sample at the destinations' grid positions."""
+    grid = TileGrid(6, 8, 2, 2)
+    x = _randn(2, 48, 8, seed=6)
+    merge, _ = toma_merge(x, grid, 0.5)
+    kv = MergedKV(merge)
+    assert torch.equal(kv.kv(x), merge.merge(x)) and torch.equal(kv.kv_index, merge.dest) and kv.num_kv == 24
+    picked = MergedKV(merge, select=True)
+    assert torch.equal(picked.kv(x), torch.stack([x[b, merge.dest[b]] for b in range(2)]))
+    assert isinstance(kv, KVPlan)

@@ -55,18 +55,19 @@ if INNER:
         h, w, th, tw = case
         grid = TileGrid(h, w, th, tw)
         ratio = {4: 0.5, 16: 0.5, 15: 0.25, 64: 0.75}[th * tw]
+        locality = 0.02 if (h + w) % 2 else 0.0  # the distance prior on about half the cases
         x = _randn(2, h * w, 24, seed=h * w + th, dtype=dtype)
-        _, ref_dest = toma_merge_torch(x, grid, ratio)
-        got, got_dest = tt.toma_merge_triton(x, grid, ratio)
+        _, ref_dest = toma_merge_torch(x, grid, ratio, locality=locality)
+        got, got_dest = tt.toma_merge_triton(x, grid, ratio, locality=locality)
         assert isinstance(got, tt.TritonTileMerge)
         assert [d.shape for d in got_dest] == [d.shape for d in ref_dest]
         # the same stable tie rule: float rounding differences between the two paths do not change picks
         for a, b in zip(ref_dest, got_dest, strict=True):
             assert b.dtype == torch.long and torch.equal(a, b)
         # weights from the same destinations (the dest-reuse path of both)
-        ref_same, _ = toma_merge_torch(x, grid, ratio, dest=got_dest)
+        ref_same, _ = toma_merge_torch(x, grid, ratio, dest=got_dest, locality=locality)
         _assert_close_plans(ref_same, got, dtype)
-        reuse, reuse_dest = tt.toma_merge_triton(x, grid, ratio, dest=got_dest)
+        reuse, reuse_dest = tt.toma_merge_triton(x, grid, ratio, dest=got_dest, locality=locality)
         assert reuse_dest is got_dest or all(torch.equal(a, b) for a, b in zip(reuse_dest, got_dest, strict=True))
         _assert_close_plans(ref_same, reuse, dtype)
 
@@ -91,8 +92,8 @@ if INNER:
             k = keep_count(15, ratio)
             assert all(len(set(t)) == k for d in got_dest for t in d.flatten(0, 1).tolist())
 
-    @pytest.mark.parametrize("tie_tol", [1e-4, 1e-3])
-    def test_tie_heavy_tiles_pick_identically(tie_tol):
+    @pytest.mark.parametrize(("tie_tol", "locality"), [(1e-4, 0.0), (1e-3, 0.0), (1e-4, 1e-3)])
+    def test_tie_heavy_tiles_pick_identically(tie_tol, locality):
         # constant tiles, mutual pairs, duplicated and scaled-duplicate tokens with 1e-6 relative noise: float ties
         # everywhere, which the exact rule broke differently in torch and in the kernel
         gen = torch.Generator().manual_seed(3)
@@ -105,8 +106,8 @@ if INNER:
         x = x * (1 + 1e-6 * torch.randn(x.shape, generator=gen))
         tokens = grid.unfold([x])
         for ratio in (0.25, 0.5, 0.75):
-            _, ref_dest = toma_merge_torch(tokens, grid, ratio, tie_tol=tie_tol)
-            _, got_dest = tt.toma_merge_triton(tokens, grid, ratio, tie_tol=tie_tol)
+            _, ref_dest = toma_merge_torch(tokens, grid, ratio, tie_tol=tie_tol, locality=locality)
+            _, got_dest = tt.toma_merge_triton(tokens, grid, ratio, tie_tol=tie_tol, locality=locality)
             assert torch.equal(got_dest[0], ref_dest[0]), ratio
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
