@@ -105,7 +105,7 @@ def layout_of(target: Any) -> Layout:
     for site in sites:
         if site.kind is not None:
             kinds[site.kind] = max(kinds.get(site.kind, 0), site.index + 1)
-    family = "dit" if adapter.default_blocks else "unet"
+    family = "dit" if adapter.default_blocks() else "unet"
     return Layout(family, tuple(sorted({s.downsample for s in sites})), kinds)
 
 
@@ -122,6 +122,7 @@ PLACEMENTS: dict[str, Callable[[Layout], Options | None]] = {
     "two": lambda layout: (
         {"max_downsample": 2} if layout.family == "unet" and max(layout.levels, default=1) > 1 else None
     ),
+    "finest": lambda layout: {"max_downsample": 1} if layout.family == "unet" else {},  # DiT: the model's
     "every": _every,
     "late": lambda layout: (
         {"blocks": {kind: (n // 2, None) for kind, n in layout.kinds.items()}} if layout.family == "dit" else None
@@ -131,12 +132,15 @@ PLACEMENTS: dict[str, Callable[[Layout], Options | None]] = {
 
 @dataclass(frozen=True)
 class Preset:
-    """Fixed ``options`` of a method and a named ``placement`` (a key of :data:`PLACEMENTS`)."""
+    """Fixed ``options`` of a method and a named ``placement`` (a key of :data:`PLACEMENTS`); ``values``: knob
+    values swept for this preset instead of the method's (full and ``--quick`` sweeps), e.g. the larger ratios of a
+    keys/values mode."""
 
     name: str
     options: Options = field(default_factory=dict)
     placement: str = "model"
     doc: str = ""
+    values: tuple[Any, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -167,10 +171,24 @@ SWEEPS: dict[str, MethodSweep] = {
             Preset("default", doc="whole blocks (self-attention, cross-attention queries, MLP), UNet levels <= 4x"),
             Preset("attn", ATTN_ONLY, doc="self-attention only, same levels / blocks"),
             Preset("top", ATTN_ONLY, "top", doc="UNet: self-attention at the top level only (tomesd's placement)"),
+            Preset(
+                "kv",
+                {"mode": "kv"},
+                "finest",
+                "keys/values mode (every query kept, keys/values = ToMA's destinations): UNet top level (ToDo's "
+                "placement), DiT the model's blocks",
+                (0.5, 0.75, 0.875, 0.9375),
+            ),
+            Preset(
+                "authors",
+                {"merge_every": 3, "dest_every": 1, "weight_every": 1},
+                doc="the authors' step schedule: merge every third step, fresh destinations at each",
+            ),
+            Preset("local", {"locality": 0.003}, doc="locality prior cos - 0.003 d^2 in selection and weights"),
             Preset("every", placement="every", doc="every UNet level / every DiT block"),
             Preset("late", placement="late", doc="DiT: the second half of each block kind"),
         ),
-        quick_presets=("default", "attn"),
+        quick_presets=("default", "attn", "kv"),
     ),
     "tomesd": MethodSweep(
         knob="ratio",
@@ -280,7 +298,8 @@ def build_settings(
         names = ["default", *(n for n in (names or [p.name for p in sweep.presets]) if n != "default")]
         values = list(selection.values.get(name) or (sweep.quick_values if selection.quick else sweep.values))
         for preset in map(sweep.preset, names):
-            chosen = {*values, default_value} if preset.name == "default" else set(values)
+            own = values if preset.values is None or name in selection.values else list(preset.values)
+            chosen = {*own, default_value} if preset.name == "default" else set(own)
             for value in sorted(chosen):
                 label = MethodSetting(None, name, preset.name, sweep.knob, value).label
                 placed = PLACEMENTS[preset.placement](layout)
