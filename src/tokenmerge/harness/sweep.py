@@ -122,7 +122,6 @@ PLACEMENTS: dict[str, Callable[[Layout], Options | None]] = {
     "two": lambda layout: (
         {"max_downsample": 2} if layout.family == "unet" and max(layout.levels, default=1) > 1 else None
     ),
-    "finest": lambda layout: {"max_downsample": 1} if layout.family == "unet" else {},  # DiT: the model's
     "every": _every,
     "late": lambda layout: (
         {"blocks": {kind: (n // 2, None) for kind, n in layout.kinds.items()}} if layout.family == "dit" else None
@@ -159,36 +158,42 @@ class MethodSweep:
 
 
 ATTN_ONLY: Options = {"merge_crossattn": False, "merge_mlp": False}
+#: ToMA's tokens mode as it was the default before issue #12 (whole blocks, levels <= 4x, no locality prior).
+TOKENS: Options = {"mode": "tokens", "locality": 0.0, "max_downsample": 4}
+TOKEN_RATIOS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 WHOLE_BLOCK: Options = {"merge_attn": True, "merge_crossattn": True, "merge_mlp": True}
 
 #: Registry name (``tokenmerge list``) -> its sweep.
 SWEEPS: dict[str, MethodSweep] = {
     "toma": MethodSweep(
         knob="ratio",
-        values=(0.125, 0.25, 0.375, 0.5, 0.625, 0.75),
-        quick_values=(0.25, 0.5, 0.75),
+        values=(0.5, 0.625, 0.75, 0.875, 0.9375),
+        quick_values=(0.5, 0.75, 0.9375),
         presets=(
-            Preset("default", doc="whole blocks (self-attention, cross-attention queries, MLP), UNet levels <= 4x"),
-            Preset("attn", ATTN_ONLY, doc="self-attention only, same levels / blocks"),
-            Preset("top", ATTN_ONLY, "top", doc="UNet: self-attention at the top level only (tomesd's placement)"),
             Preset(
-                "kv",
-                {"mode": "kv"},
-                "finest",
-                "keys/values mode (every query kept, keys/values = ToMA's destinations): UNet top level (ToDo's "
-                "placement), DiT the model's blocks",
-                (0.5, 0.75, 0.875, 0.9375),
+                "default", doc="keys/values mode (every query kept), locality 0.05, finest UNet level / DiT default"
+            ),
+            Preset("nolocal", {"locality": 0.0}, doc="the default without the locality prior"),
+            Preset("merged", {"kv_tokens": "merged"}, doc="the default with averaged (merged) keys/values"),
+            Preset("block", TOKENS, doc="tokens mode: whole blocks, UNet levels <= 4x", values=TOKEN_RATIOS),
+            Preset("attn", {**TOKENS, **ATTN_ONLY}, doc="tokens mode, self-attention only", values=TOKEN_RATIOS),
+            Preset(
+                "top",
+                {**TOKENS, **ATTN_ONLY},
+                "top",
+                "UNet: tokens mode, self-attention at the top level only (tomesd's placement)",
+                TOKEN_RATIOS,
             ),
             Preset(
                 "authors",
-                {"merge_every": 3, "dest_every": 1, "weight_every": 1},
-                doc="the authors' step schedule: merge every third step, fresh destinations at each",
+                {**TOKENS, "merge_every": 3, "dest_every": 1, "weight_every": 1},
+                doc="tokens mode, whole blocks, the authors' schedule: merge every third step, fresh destinations",
+                values=TOKEN_RATIOS,
             ),
-            Preset("local", {"locality": 0.003}, doc="locality prior cos - 0.003 d^2 in selection and weights"),
             Preset("every", placement="every", doc="every UNet level / every DiT block"),
             Preset("late", placement="late", doc="DiT: the second half of each block kind"),
         ),
-        quick_presets=("default", "attn", "kv"),
+        quick_presets=("default", "block", "top"),
     ),
     "tomesd": MethodSweep(
         knob="ratio",
@@ -196,7 +201,9 @@ SWEEPS: dict[str, MethodSweep] = {
         quick_values=(0.25, 0.5, 0.75),
         presets=(
             Preset("default", doc="tomesd's default: self-attention at the top level"),
-            Preset("toma", {**WHOLE_BLOCK, "max_downsample": 4}, doc="ToMA's placement: whole blocks, levels <= 4x"),
+            Preset(
+                "toma", {**WHOLE_BLOCK, "max_downsample": 4}, doc="ToMA's tokens mode placement: whole blocks, <= 4x"
+            ),
             Preset("every", placement="every", doc="every UNet level / every DiT block"),
         ),
     ),
