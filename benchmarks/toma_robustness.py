@@ -28,13 +28,12 @@ import torch
 
 import tokenmerge as tm
 from tokenmerge.harness.registry import parse_method
+from tokenmerge.harness.runners import reference_captions
 from tokenmerge.methods import toma as toma_method
 from tokenmerge.reference.data import tokenize
-from tokenmerge.reference.demo import for_model
 from tokenmerge.reference.pipeline import ReferencePipeline, denoise, load_pipeline
 
-CAPTIONS = ("orange circle on yellow gradient", "white ring on black checks", "green circle on red plain",
-            "blue circle on white checks")  # fmt: skip
+CAPTIONS = tuple(reference_captions(4, seed=1))  # a seeded draw from the scene grammar, not the demo's
 SEEDS = (2000, 2001, 2002, 2003)
 STEPS, CAPTURE, EPS, TARGET = 15, 5, 1e-6, 1e-3
 
@@ -136,7 +135,7 @@ def main() -> None:
     toma_method.toma_merge = log
     rows = []
     for text in args.configs:
-        spec = for_model(parse_method(text), args.model)
+        spec = parse_method(text)
         if spec.method is not None:
             tm.apply(pipe, spec.method)
         try:
