@@ -31,9 +31,9 @@ class ToMA(FlagRoles, Method):
 
     The default (``mode="kv"``, ratio 0.75, locality 0.05, the finest attention level) keeps every query and takes
     the self-attention's keys and values from a quarter of the tokens, chosen per 4x4 tile by facility location with
-    a locality prior: on the measured speed-fidelity front it is 1.2 dB closer to the unaccelerated images than ToDo
-    at the same FLOPs (docs/benchmarks.md, "ToMA variants"). ``mode="tokens"`` merges whole blocks (faster, less
-    faithful).
+    a locality prior: on the 32x32 reference UNet's front it was 1.2 dB closer to the unaccelerated images than ToDo
+    at the same FLOPs, on the 64x64 one 1.8 dB farther (docs/benchmarks.md, "ToMA variants"). ``mode="tokens"``
+    merges whole blocks (faster, less faithful).
 
     Args:
         ratio: fraction of tokens removed in each tile, in ``[0, 1)``; 0 leaves the model untouched.
