@@ -33,13 +33,13 @@ def labels(settings: list[Any]) -> list[str]:
 
 
 def test_settings_default_always_in_and_marked() -> None:
-    plan = build_settings(UNET, Selection(["toma", "todo"], values={"toma": [0.25, 0.5]}, quick=True))
+    plan = build_settings(UNET, Selection(["toma", "todo"], values={"toma": [0.25, 0.75]}, quick=True))
     assert labels(plan.settings)[0] == "baseline"
     defaults = [s.label for s in plan.settings if s.default]
-    assert defaults == ["toma:ratio=0.75", "todo:factor=2"]  # the default value is added to the given ones
-    assert "toma:ratio=0.25@top" in labels(plan.settings) and "toma:ratio=0.75@top" not in labels(plan.settings)
-    toma = next(s for s in plan.settings if s.label == "toma:ratio=0.25@block")
-    assert toma.method == tm.ToMA(ratio=0.25, mode="tokens", locality=0.0, max_downsample=4)
+    assert defaults == ["toma:ratio=0.5", "todo:factor=2"]  # the default value is added to the given ones
+    assert "toma:ratio=0.25@attn" in labels(plan.settings) and "toma:ratio=0.5@attn" not in labels(plan.settings)
+    toma = next(s for s in plan.settings if s.label == "toma:ratio=0.25@attn")
+    assert toma.method == tm.ToMA(ratio=0.25, merge_crossattn=False, merge_mlp=False)
     assert labels(plan.settings)[-2:] == ["todo:factor=2", "todo:factor=4"]  # quick: the default preset only
 
 
@@ -68,22 +68,17 @@ def test_layout_of_tells_unets_from_dits() -> None:
     assert layout_of(build_dit("tiny-flux")).family == "dit"
 
 
-def test_toma_presets_default_kv_and_tokens_mode_values() -> None:
-    """ToMA's default preset is its keys/values default at its own ratios; the tokens-mode presets sweep theirs;
-    ``authors`` is the authors' schedule; values given on the command line override a preset's."""
-    unet = build_settings(UNET, Selection(["toma"], presets={"toma": ["block", "authors"]}))
-    default = [s for s in unet.settings if s.preset == "default"]
-    assert [s.value for s in default] == [0.5, 0.625, 0.75, 0.875, 0.9375]
-    assert all(s.method.keys_values for s in default) and [s.value for s in default if s.default] == [0.75]
-    block = [s for s in unet.settings if s.preset == "block"]
-    assert [s.value for s in block] == [0.125, 0.25, 0.375, 0.5, 0.625, 0.75]
-    assert all(not s.method.keys_values and s.method.max_downsample == 4 for s in block)
+def test_toma_presets_kv_values_and_authors_schedule() -> None:
+    """The ``kv`` presets sweep their own ratios at the finest UNet level; ``authors`` is the authors' schedule;
+    values given on the command line override a preset's."""
+    unet = build_settings(UNET, Selection(["toma"], presets={"toma": ["kv", "authors"]}))
+    kv = [s for s in unet.settings if s.preset == "kv"]
+    assert [s.value for s in kv] == [0.5, 0.625, 0.75, 0.875, 0.9375]
+    assert all(s.method.keys_values and s.method.locality == 0.05 and s.method.max_downsample is None for s in kv)
     authors = next(s for s in unet.settings if s.preset == "authors")
-    assert authors.method == tm.ToMA.authors_schedule(
-        ratio=authors.value, mode="tokens", locality=0.0, max_downsample=4
-    )
-    given = build_settings(UNET, Selection(["toma"], presets={"toma": ["block"]}, values={"toma": [0.5]}))
-    assert [s.value for s in given.settings if s.preset == "block"] == [0.5]
+    assert authors.method == tm.ToMA.authors_schedule(ratio=authors.value)
+    given = build_settings(UNET, Selection(["toma"], presets={"toma": ["kv"]}, values={"toma": [0.5]}))
+    assert [s.value for s in given.settings if s.preset == "kv"] == [0.5]
 
 
 def test_a_preset_is_one_line_and_bad_options_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -158,42 +158,33 @@ class MethodSweep:
 
 
 ATTN_ONLY: Options = {"merge_crossattn": False, "merge_mlp": False}
-#: ToMA's tokens mode as it was the default before issue #12 (whole blocks, levels <= 4x, no locality prior).
-TOKENS: Options = {"mode": "tokens", "locality": 0.0, "max_downsample": 4}
-TOKEN_RATIOS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+#: ToMA's keys/values mode as measured best on the 32x32 reference UNet (docs/benchmarks.md, "ToMA variants").
+KV: Options = {"mode": "kv", "locality": 0.05, "max_downsample": None}
+KV_RATIOS = (0.5, 0.625, 0.75, 0.875, 0.9375)
 WHOLE_BLOCK: Options = {"merge_attn": True, "merge_crossattn": True, "merge_mlp": True}
 
 #: Registry name (``tokenmerge list``) -> its sweep.
 SWEEPS: dict[str, MethodSweep] = {
     "toma": MethodSweep(
         knob="ratio",
-        values=(0.5, 0.625, 0.75, 0.875, 0.9375),
-        quick_values=(0.5, 0.75, 0.9375),
+        values=(0.125, 0.25, 0.375, 0.5, 0.625, 0.75),
+        quick_values=(0.25, 0.5, 0.75),
         presets=(
-            Preset(
-                "default", doc="keys/values mode (every query kept), locality 0.05, finest UNet level / DiT default"
-            ),
-            Preset("nolocal", {"locality": 0.0}, doc="the default without the locality prior"),
-            Preset("merged", {"kv_tokens": "merged"}, doc="the default with averaged (merged) keys/values"),
-            Preset("block", TOKENS, doc="tokens mode: whole blocks, UNet levels <= 4x", values=TOKEN_RATIOS),
-            Preset("attn", {**TOKENS, **ATTN_ONLY}, doc="tokens mode, self-attention only", values=TOKEN_RATIOS),
-            Preset(
-                "top",
-                {**TOKENS, **ATTN_ONLY},
-                "top",
-                "UNet: tokens mode, self-attention at the top level only (tomesd's placement)",
-                TOKEN_RATIOS,
-            ),
+            Preset("default", doc="tokens mode: whole blocks (self-attention, cross-attention queries, MLP), <= 4x"),
+            Preset("attn", ATTN_ONLY, doc="self-attention only, same levels / blocks"),
+            Preset("top", ATTN_ONLY, "top", doc="UNet: self-attention at the top level only (tomesd's placement)"),
+            Preset("kv", KV, doc="keys/values mode, locality 0.05, finest UNet level", values=KV_RATIOS),
+            Preset("kvnolocal", {**KV, "locality": 0.0}, doc="the kv preset without the prior", values=KV_RATIOS),
+            Preset("kvmerged", {**KV, "kv_tokens": "merged"}, doc="kv with averaged keys/values", values=KV_RATIOS),
             Preset(
                 "authors",
-                {**TOKENS, "merge_every": 3, "dest_every": 1, "weight_every": 1},
-                doc="tokens mode, whole blocks, the authors' schedule: merge every third step, fresh destinations",
-                values=TOKEN_RATIOS,
+                {"merge_every": 3, "dest_every": 1, "weight_every": 1},
+                doc="the authors' schedule: merge every third step, fresh destinations at each",
             ),
             Preset("every", placement="every", doc="every UNet level / every DiT block"),
             Preset("late", placement="late", doc="DiT: the second half of each block kind"),
         ),
-        quick_presets=("default", "block", "top"),
+        quick_presets=("default", "attn", "kv"),
     ),
     "tomesd": MethodSweep(
         knob="ratio",

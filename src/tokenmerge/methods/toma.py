@@ -29,11 +29,11 @@ class ToMACache(PlanCache):
 class ToMA(FlagRoles, Method):
     """Token Merge with Attention.
 
-    The default (``mode="kv"``, ratio 0.75, locality 0.05, the finest attention level) keeps every query and takes
-    the self-attention's keys and values from a quarter of the tokens, chosen per 4x4 tile by facility location with
-    a locality prior: on the 32x32 reference UNet's front it was 1.2 dB closer to the unaccelerated images than ToDo
-    at the same FLOPs, on the 64x64 one 1.8 dB farther (docs/benchmarks.md, "ToMA variants"). ``mode="tokens"``
-    merges whole blocks (faster, less faithful).
+    ``mode="kv"`` with ``ratio=0.75, locality=0.05, max_downsample=None`` (the pareto preset ``kv``) keeps every
+    query and takes the self-attention's keys and values from a quarter of the tokens, chosen per 4x4 tile by
+    facility location with a locality prior: on the 32x32 reference UNet's front it was 1.2 dB closer to the
+    unaccelerated images than ToDo at the same FLOPs, on the 64x64 one 1.8 dB farther (docs/benchmarks.md, "ToMA
+    variants"). The default merges whole blocks in tokens mode (faster, less faithful).
 
     Args:
         ratio: fraction of tokens removed in each tile, in ``[0, 1)``; 0 leaves the model untouched.
@@ -59,7 +59,7 @@ class ToMA(FlagRoles, Method):
             reuse group (a UNet level on the down, mid or up path) computes them and the later blocks reuse them.
         max_downsample: (keyword) merge in blocks whose grid is at most this many times smaller than the latent
             (4: the 64x64, 32x32 and 16x16-token levels of SD 1.5 at 512px, and both attention levels of SDXL);
-            ``None`` (default): the finest level that has attention (SD 1.x: 1, SDXL: 2; ToDo's placement).
+            ``None``: the finest level that has attention (SD 1.x: 1, SDXL: 2; ToDo's placement).
         merge_every: merge at steps 0, ``merge_every``, 2 ``merge_every``, ... only and run the full model in
             between (the authors' schedule: 3, see :meth:`authors_schedule`).
         steps: (keyword) 0-based denoising steps at which merging is active (``None``: all; with ``merge_every``,
@@ -71,17 +71,17 @@ class ToMA(FlagRoles, Method):
             Flux.1; SD3, PixArt: every block). Reuse groups there are one per kind (stream).
     """
 
-    ratio: float = 0.75
+    ratio: float = 0.5
     tile: tuple[int, int] = (4, 4)
     tau: float = 1000.0
     tie_tol: float = TIE_TOL
-    locality: float = 0.05
+    locality: float = 0.0
     merge_attn: bool = True
     merge_crossattn: bool = True
     merge_mlp: bool = True
-    mode: str = "kv"
+    mode: str = "tokens"
     kv_tokens: str = "destinations"
-    max_downsample: int | None = field(default=None, kw_only=True)
+    max_downsample: int | None = field(default=4, kw_only=True)
     dest_every: int = 5
     weight_every: int = 1
     merge_every: int = 1
