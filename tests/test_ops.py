@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenmerge.ops.select import cosine_similarity, facility_location
+from tokenmerge.ops.select import TIE_TOL, cosine_similarity, facility_location
 from tokenmerge.ops.tiles import TileGrid
-from tokenmerge.ops.toma import keep_count, merge_weights, select_destinations, toma_merge
+from tokenmerge.ops.toma import MergedKV, keep_count, merge_weights, select_destinations, toma_merge
+from tokenmerge.plans import KVPlan
 
 # (H, W, tile_h, tile_w): divisible, ragged on one or both sides, degenerate and oversized tiles.
 GRID_CASES = [
@@ -161,21 +162,22 @@ def test_tilegrid_rejects_bad_input():
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def naive_facility_location(sim: list[list[float]], k: int) -> list[int]:
+def naive_facility_location(sim: list[list[float]], k: int, tie_tol: float = TIE_TOL) -> list[int]:
+    """Float64 reference of the greedy with stable ties: the lowest index among gains within ``tie_tol * s``."""
     s = len(sim)
     chosen: list[int] = []
     best: list[float] | None = None
     for _ in range(k):
-        pick, pick_gain = -1, float("-inf")
+        gains = {}
         for i in range(s):
             if i in chosen:
                 continue
             if best is None:
-                gain = sum(sim[i])
+                gains[i] = sum(sim[i])
             else:
-                gain = sum(max(sim[i][j] - best[j], 0.0) for j in range(s))
-            if gain > pick_gain:  # strict: ties keep the lowest index
-                pick, pick_gain = i, gain
+                gains[i] = sum(max(sim[i][j] - best[j], 0.0) for j in range(s))
+        top = max(gains.values())
+        pick = min(i for i, g in gains.items() if g >= top - tie_tol * s)
         chosen.append(pick)
         best = list(sim[pick]) if best is None else [max(a, b) for a, b in zip(best, sim[pick], strict=True)]
     return chosen
@@ -228,6 +230,57 @@ def test_facility_location_ties_go_to_lowest_index():
     got = facility_location(sim, 3).tolist()
     assert got == naive_facility_location(sim.tolist(), 3)
     assert got[:2] == [2, 0]
+
+
+def test_near_ties_within_tolerance_go_to_lowest_index():
+    # four tokens; the row sums of 1..3 exceed row 0's by less than the tolerance (2e-5 * 4 < 1e-4 * 4): all tied
+    eps = 2e-5
+    sim = torch.tensor(
+        [
+            [1.0, 0.2, 0.2, 0.2],
+            [0.2, 1.0, 0.2, 0.2 + 2 * eps],
+            [0.2, 0.2, 1.0, 0.2 + 3 * eps],
+            [0.2, 0.2 + 2 * eps, 0.2 + 3 * eps, 1.0],
+        ]
+    )
+    assert facility_location(sim, 1).tolist() == [0]
+    assert facility_location(sim, 1, tie_tol=0.0).tolist() == [3]  # exact comparison: the largest sum
+    # a gap larger than the tolerance is a real preference: rows 2 and 3 gain 0.01 over rows 0 and 1 (tied among
+    # themselves: the lower index wins)
+    sim[3, 2] = sim[2, 3] = 0.21
+    assert facility_location(sim, 1).tolist() == [2]
+    with pytest.raises(ValueError, match="tie_tol"):
+        facility_location(sim, 1, tie_tol=-1.0)
+
+
+def _tie_heavy_tiles(seed: int) -> torch.Tensor:
+    """``(3, 8, 16, 12)`` tiles full of exact ties: constant tiles, mutual pairs, duplicated and zero tokens."""
+    gen = _gen(seed)
+    x = torch.randn(3, 8, 16, 12, generator=gen)
+    x[:, 0] = x[:, 0, :1]  # constant tile
+    x[:, 1] = x[:, 1, :8].repeat(1, 2, 1)  # every token twice: mutual pairs
+    x[:, 2] = x[:, 2, :2].repeat(1, 8, 1)  # two directions
+    x[:, 3, ::2] = 0.0  # half zero
+    x[:, 4] = x[:, 4, :4].repeat_interleave(4, 1) * torch.rand(1, 16, 1, generator=gen)  # scaled duplicates
+    return x
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_picks_stable_under_rounding_noise_and_batch_composition(ratio):
+    """1e-6 relative noise on tie-heavy tokens (far below the tolerance; relative, like rounding: a zero token has no
+    direction to perturb) changes no pick, and a sample's picks do not depend on its batch mates (ties broken by
+    float rounding used to flip a third of the reference UNet's tiles)."""
+    x = _tie_heavy_tiles(int(ratio * 100))
+    k = keep_count(16, ratio)
+    ref = select_destinations(x, k)
+    for seed in range(3):
+        noisy = x * (1 + 1e-6 * torch.randn(x.shape, generator=_gen(seed)))
+        assert torch.equal(select_destinations(noisy, k), ref)
+    for b in range(3):
+        assert torch.equal(select_destinations(x[b : b + 1], k), ref[b : b + 1])
+        assert torch.equal(select_destinations(torch.cat([x[b : b + 1], x.flip(0)]), k)[:1], ref[b : b + 1])
+    # the exact-tie rule meets the same inputs: constant tiles take their first k tokens
+    assert torch.equal(ref[:, 0], torch.arange(k).expand(3, k))
 
 
 @pytest.mark.parametrize("k", [0, -1, 6])
@@ -506,3 +559,62 @@ def test_cosine_similarity_of_zero_vectors_is_zero():
     assert torch.isfinite(sim).all()
     assert sim[0].abs().sum() == 0 and sim[2].abs().sum() == 0
     torch.testing.assert_close(sim[1, 1], torch.tensor(1.0))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# locality prior and keys/values plans
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_sq_distances_of_tile_slots():
+    region = TileGrid(6, 6, 2, 3).regions[0]
+    d2 = region.sq_distances()
+    assert d2.shape == (6, 6) and torch.equal(d2, d2.T) and (d2.diagonal() == 0).all()
+    assert d2[0, 5] == 1 + 4 and d2[1, 3] == 1 + 1 and d2[2, 0] == 4  # slot i is (i // 3, i % 3)
+
+
+def test_locality_prior_enters_selection_and_weights():
+    grid = TileGrid(8, 8, 4, 4)
+    x = _randn(2, 64, 8, seed=4)
+    prior = 0.01 * grid.regions[0].sq_distances()
+    tiles = grid.fold(x)[0]
+    plan, dest = toma_merge(x, grid, 0.5, tau=10.0, locality=0.01)
+    want_dest = facility_location(cosine_similarity(tiles) - prior, 8)
+    assert torch.equal(dest[0], want_dest)
+    xn = F.normalize(tiles, dim=-1)
+    logits = torch.gather(xn, 2, want_dest.unsqueeze(-1).expand(-1, -1, -1, 8)) @ xn.transpose(-1, -2)
+    want = torch.softmax(10.0 * (logits - prior[want_dest]), dim=-2)
+    want = torch.where(F.one_hot(want_dest, 16).sum(-2, keepdim=True) > 0, F.one_hot(want_dest, 16).float(), want)
+    torch.testing.assert_close(plan.unmerge_mats[0].transpose(-1, -2), want)
+    _, dest0 = toma_merge(x, grid, 0.5, tau=10.0, locality=0.0)
+    assert torch.equal(dest0[0], select_destinations(tiles, 8))
+
+
+@pytest.mark.parametrize("case", [(8, 8, 4, 4), (7, 10, 2, 3)], ids=_grid_id)
+def test_locality_on_flat_tiles_spreads_destinations_and_assigns_to_the_nearest(case):
+    """On a constant tile every cosine is 1: the prior alone decides, so destinations spread over the tile (not the
+    first k slots that the tie rule alone gives) and every token merges into a nearest destination."""
+    h, w, th, tw = case
+    grid = TileGrid(h, w, th, tw)
+    x = torch.ones(1, h * w, 4)
+    plan, dest = toma_merge(x, grid, 0.75, locality=0.01)
+    for r, d, u in zip(grid.regions, dest, plan.unmerge_mats, strict=True):
+        d2 = r.sq_distances()
+        nearest = d2[:, d[0, 0]].amin(-1)  # (s,) distance of every slot to its nearest destination
+        assert torch.equal(d2[torch.arange(r.tile_size), d[0, 0][u[0, 0].argmax(-1)]], nearest)
+        if r.tile_size == 16:
+            assert nearest.max() <= 2  # four destinations covering a 4x4 tile: every token within one diagonal step
+    torch.testing.assert_close(plan.unmerge(plan.merge(x)), x)
+
+
+def test_merged_kv_plan():
+    """Keys/values of a ToMA merge: the merged tokens ``M x``, or (``select``) the destination tokens themselves,
+    per sample at the destinations' grid positions."""
+    grid = TileGrid(6, 8, 2, 2)
+    x = _randn(2, 48, 8, seed=6)
+    merge, _ = toma_merge(x, grid, 0.5)
+    kv = MergedKV(merge)
+    assert torch.equal(kv.kv(x), merge.merge(x)) and torch.equal(kv.kv_index, merge.dest) and kv.num_kv == 24
+    picked = MergedKV(merge, select=True)
+    assert torch.equal(picked.kv(x), torch.stack([x[b, merge.dest[b]] for b in range(2)]))
+    assert isinstance(kv, KVPlan)

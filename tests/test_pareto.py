@@ -60,6 +60,27 @@ def test_placements_resolve_per_family_or_skip_with_reason() -> None:
     assert {s.reason for s in dit.skipped} == {"placement 'top' does not exist on a dit"}
 
 
+def test_layout_of_tells_unets_from_dits() -> None:
+    from tokenmerge.archs import build_dit, build_unet
+    from tokenmerge.harness.sweep import layout_of
+
+    assert layout_of(build_unet("tiny-sd15")).family == "unet"
+    assert layout_of(build_dit("tiny-flux")).family == "dit"
+
+
+def test_toma_presets_kv_values_and_authors_schedule() -> None:
+    """The ``kv`` presets sweep their own ratios at the finest UNet level; ``authors`` is the authors' schedule;
+    values given on the command line override a preset's."""
+    unet = build_settings(UNET, Selection(["toma"], presets={"toma": ["kv", "authors"]}))
+    kv = [s for s in unet.settings if s.preset == "kv"]
+    assert [s.value for s in kv] == [0.5, 0.625, 0.75, 0.875, 0.9375]
+    assert all(s.method.keys_values and s.method.locality == 0.05 and s.method.max_downsample is None for s in kv)
+    authors = next(s for s in unet.settings if s.preset == "authors")
+    assert authors.method == tm.ToMA.authors_schedule(ratio=authors.value)
+    given = build_settings(UNET, Selection(["toma"], presets={"toma": ["kv"]}, values={"toma": [0.5]}))
+    assert [s.value for s in given.settings if s.preset == "kv"] == [0.5]
+
+
 def test_a_preset_is_one_line_and_bad_options_are_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
     toma = sweep.SWEEPS["toma"]
     presets = (*toma.presets, Preset("tau", {"tau": 10.0}), Preset("future", {"no_such_option": True}))

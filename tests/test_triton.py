@@ -20,7 +20,6 @@ import torch
 pytest.importorskip("triton")
 
 from tokenmerge.ops import toma as toma_ops
-from tokenmerge.ops.select import cosine_similarity
 from tokenmerge.ops.tiles import TileGrid
 from tokenmerge.ops.toma import TileMerge, keep_count, toma_merge, toma_merge_torch
 
@@ -35,33 +34,6 @@ ATOL = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-def _gains(sim: torch.Tensor, prefix: list[int]) -> torch.Tensor:
-    """Float64 facility-location gains of every row of one tile's ``sim`` after picking ``prefix``."""
-    sim = sim.double()
-    if not prefix:
-        return sim.sum(-1)
-    return (sim - sim[prefix].amax(0)).clamp_min(0).sum(-1)
-
-
-def _assert_same_greedy(x: torch.Tensor, grid: TileGrid, ref: list[torch.Tensor], got: list[torch.Tensor]) -> None:
-    """Equal picks, except where two gains tie in exact arithmetic and float rounding decides (the greedy creates
-    such ties: two unpicked tokens that only improve each other have equal gains). From a divergence on, both
-    picks must be near-ties of the best gain."""
-    diverged = 0
-    for tiles, d_ref, d_got in zip(grid.fold(x), ref, got, strict=True):
-        assert d_got.shape == d_ref.shape and d_got.dtype == torch.long
-        sims = cosine_similarity(tiles)
-        for idx in zip(*torch.nonzero((d_ref != d_got).any(-1), as_tuple=True), strict=True):
-            r, g = d_ref[idx].tolist(), d_got[idx].tolist()
-            assert len(set(g)) == len(g)
-            step = next(i for i in range(len(r)) if r[i] != g[i])
-            gains = _gains(sims[idx], r[:step])
-            assert abs(gains[r[step]] - gains[g[step]]) <= 1e-5 * max(1.0, gains.abs().max().item()), (idx, r, g)
-            diverged += 1
-    total = sum(d.shape[0] * d.shape[1] for d in ref)
-    assert diverged <= total // 2, f"{diverged}/{total} tiles diverged"
 
 
 def _assert_close_plans(a: TileMerge, b: TileMerge, dtype: torch.dtype) -> None:
@@ -83,16 +55,19 @@ if INNER:
         h, w, th, tw = case
         grid = TileGrid(h, w, th, tw)
         ratio = {4: 0.5, 16: 0.5, 15: 0.25, 64: 0.75}[th * tw]
+        locality = 0.02 if (h + w) % 2 else 0.0  # the distance prior on about half the cases
         x = _randn(2, h * w, 24, seed=h * w + th, dtype=dtype)
-        _, ref_dest = toma_merge_torch(x, grid, ratio)
-        got, got_dest = tt.toma_merge_triton(x, grid, ratio)
+        _, ref_dest = toma_merge_torch(x, grid, ratio, locality=locality)
+        got, got_dest = tt.toma_merge_triton(x, grid, ratio, locality=locality)
         assert isinstance(got, tt.TritonTileMerge)
         assert [d.shape for d in got_dest] == [d.shape for d in ref_dest]
-        _assert_same_greedy(x, grid, ref_dest, got_dest)
+        # the same stable tie rule: float rounding differences between the two paths do not change picks
+        for a, b in zip(ref_dest, got_dest, strict=True):
+            assert b.dtype == torch.long and torch.equal(a, b)
         # weights from the same destinations (the dest-reuse path of both)
-        ref_same, _ = toma_merge_torch(x, grid, ratio, dest=got_dest)
+        ref_same, _ = toma_merge_torch(x, grid, ratio, dest=got_dest, locality=locality)
         _assert_close_plans(ref_same, got, dtype)
-        reuse, reuse_dest = tt.toma_merge_triton(x, grid, ratio, dest=got_dest)
+        reuse, reuse_dest = tt.toma_merge_triton(x, grid, ratio, dest=got_dest, locality=locality)
         assert reuse_dest is got_dest or all(torch.equal(a, b) for a, b in zip(reuse_dest, got_dest, strict=True))
         _assert_close_plans(ref_same, reuse, dtype)
 
@@ -116,6 +91,24 @@ if INNER:
             _assert_close_plans(ref, got, dtype)
             k = keep_count(15, ratio)
             assert all(len(set(t)) == k for d in got_dest for t in d.flatten(0, 1).tolist())
+
+    @pytest.mark.parametrize(("tie_tol", "locality"), [(1e-4, 0.0), (1e-3, 0.0), (1e-4, 1e-3)])
+    def test_tie_heavy_tiles_pick_identically(tie_tol, locality):
+        # constant tiles, mutual pairs, duplicated and scaled-duplicate tokens with 1e-6 relative noise: float ties
+        # everywhere, which the exact rule broke differently in torch and in the kernel
+        gen = torch.Generator().manual_seed(3)
+        grid = TileGrid(8, 16, 4, 4)
+        x = torch.randn(2, 8, 16, 12, generator=gen)
+        x[:, 0] = x[:, 0, :1]
+        x[:, 1] = x[:, 1, :8].repeat(1, 2, 1)
+        x[:, 2] = x[:, 2, :2].repeat(1, 8, 1)
+        x[:, 3] = x[:, 3, :4].repeat_interleave(4, 1) * torch.rand(1, 16, 1, generator=gen)
+        x = x * (1 + 1e-6 * torch.randn(x.shape, generator=gen))
+        tokens = grid.unfold([x])
+        for ratio in (0.25, 0.5, 0.75):
+            _, ref_dest = toma_merge_torch(tokens, grid, ratio, tie_tol=tie_tol, locality=locality)
+            _, got_dest = tt.toma_merge_triton(tokens, grid, ratio, tie_tol=tie_tol, locality=locality)
+            assert torch.equal(got_dest[0], ref_dest[0]), ratio
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("case", [(8, 8, 4, 4), (9, 11, 4, 4), (6, 10, 3, 5)], ids=str)

@@ -105,7 +105,7 @@ def layout_of(target: Any) -> Layout:
     for site in sites:
         if site.kind is not None:
             kinds[site.kind] = max(kinds.get(site.kind, 0), site.index + 1)
-    family = "dit" if adapter.default_blocks else "unet"
+    family = "dit" if adapter.default_blocks() else "unet"
     return Layout(family, tuple(sorted({s.downsample for s in sites})), kinds)
 
 
@@ -131,12 +131,15 @@ PLACEMENTS: dict[str, Callable[[Layout], Options | None]] = {
 
 @dataclass(frozen=True)
 class Preset:
-    """Fixed ``options`` of a method and a named ``placement`` (a key of :data:`PLACEMENTS`)."""
+    """Fixed ``options`` of a method and a named ``placement`` (a key of :data:`PLACEMENTS`); ``values``: knob
+    values swept for this preset instead of the method's (full and ``--quick`` sweeps), e.g. the larger ratios of a
+    keys/values mode."""
 
     name: str
     options: Options = field(default_factory=dict)
     placement: str = "model"
     doc: str = ""
+    values: tuple[Any, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,9 @@ class MethodSweep:
 
 
 ATTN_ONLY: Options = {"merge_crossattn": False, "merge_mlp": False}
+#: ToMA's keys/values mode as measured best on the 32x32 reference UNet (docs/benchmarks.md, "ToMA variants").
+KV: Options = {"mode": "kv", "locality": 0.05, "max_downsample": None}
+KV_RATIOS = (0.5, 0.625, 0.75, 0.875, 0.9375)
 WHOLE_BLOCK: Options = {"merge_attn": True, "merge_crossattn": True, "merge_mlp": True}
 
 #: Registry name (``tokenmerge list``) -> its sweep.
@@ -164,13 +170,21 @@ SWEEPS: dict[str, MethodSweep] = {
         values=(0.125, 0.25, 0.375, 0.5, 0.625, 0.75),
         quick_values=(0.25, 0.5, 0.75),
         presets=(
-            Preset("default", doc="whole blocks (self-attention, cross-attention queries, MLP), UNet levels <= 4x"),
+            Preset("default", doc="tokens mode: whole blocks (self-attention, cross-attention queries, MLP), <= 4x"),
             Preset("attn", ATTN_ONLY, doc="self-attention only, same levels / blocks"),
             Preset("top", ATTN_ONLY, "top", doc="UNet: self-attention at the top level only (tomesd's placement)"),
+            Preset("kv", KV, doc="keys/values mode, locality 0.05, finest UNet level", values=KV_RATIOS),
+            Preset("kvnolocal", {**KV, "locality": 0.0}, doc="the kv preset without the prior", values=KV_RATIOS),
+            Preset("kvmerged", {**KV, "kv_tokens": "merged"}, doc="kv with averaged keys/values", values=KV_RATIOS),
+            Preset(
+                "authors",
+                {"merge_every": 3, "dest_every": 1, "weight_every": 1},
+                doc="the authors' schedule: merge every third step, fresh destinations at each",
+            ),
             Preset("every", placement="every", doc="every UNet level / every DiT block"),
             Preset("late", placement="late", doc="DiT: the second half of each block kind"),
         ),
-        quick_presets=("default", "attn"),
+        quick_presets=("default", "attn", "kv"),
     ),
     "tomesd": MethodSweep(
         knob="ratio",
@@ -178,7 +192,9 @@ SWEEPS: dict[str, MethodSweep] = {
         quick_values=(0.25, 0.5, 0.75),
         presets=(
             Preset("default", doc="tomesd's default: self-attention at the top level"),
-            Preset("toma", {**WHOLE_BLOCK, "max_downsample": 4}, doc="ToMA's placement: whole blocks, levels <= 4x"),
+            Preset(
+                "toma", {**WHOLE_BLOCK, "max_downsample": 4}, doc="ToMA's tokens mode placement: whole blocks, <= 4x"
+            ),
             Preset("every", placement="every", doc="every UNet level / every DiT block"),
         ),
     ),
@@ -280,7 +296,8 @@ def build_settings(
         names = ["default", *(n for n in (names or [p.name for p in sweep.presets]) if n != "default")]
         values = list(selection.values.get(name) or (sweep.quick_values if selection.quick else sweep.values))
         for preset in map(sweep.preset, names):
-            chosen = {*values, default_value} if preset.name == "default" else set(values)
+            own = values if preset.values is None or name in selection.values else list(preset.values)
+            chosen = {*own, default_value} if preset.name == "default" else set(own)
             for value in sorted(chosen):
                 label = MethodSetting(None, name, preset.name, sweep.knob, value).label
                 placed = PLACEMENTS[preset.placement](layout)

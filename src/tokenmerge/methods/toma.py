@@ -5,21 +5,23 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from tokenmerge.methods.base import FlagRoles, Method, PlanCache, check_ratio, check_tile, integer, real
+from tokenmerge.methods.base import FlagRoles, Method, PlanCache, boolean, check_ratio, check_tile, integer, real
+from tokenmerge.ops.select import TIE_TOL
 from tokenmerge.ops.tiles import TileGrid
-from tokenmerge.ops.toma import TileMerge, toma_merge
+from tokenmerge.ops.toma import MergedKV, TileMerge, toma_merge
 
 
 @dataclass(eq=False)
 class ToMACache(PlanCache):
-    """A reuse group's merge for the current generation: for which batch size, grid, device and dtype (``key``), the
-    merge and the tile-local destinations it was built from."""
+    """A reuse group's plan for the current generation: for which batch size, grid, device and dtype (``key``), the
+    plan (a merge, or ``mode="kv"`` its keys/values) and the tile-local destinations it was built from."""
 
     key: tuple | None = None
-    merge: TileMerge | None = None
+    merge: TileMerge | MergedKV | None = None
     dest: list[torch.Tensor] | None = None
 
 
@@ -27,20 +29,41 @@ class ToMACache(PlanCache):
 class ToMA(FlagRoles, Method):
     """Token Merge with Attention.
 
+    ``mode="kv"`` with ``ratio=0.75, locality=0.05, max_downsample=None`` (the pareto preset ``kv``) keeps every
+    query and takes the self-attention's keys and values from a quarter of the tokens, chosen per 4x4 tile by
+    facility location with a locality prior: on the 32x32 reference UNet's front it was 1.2 dB closer to the
+    unaccelerated images than ToDo at the same FLOPs, on the 64x64 one 1.8 dB farther (docs/benchmarks.md, "ToMA
+    variants"). The default merges whole blocks in tokens mode (faster, less faithful).
+
     Args:
         ratio: fraction of tokens removed in each tile, in ``[0, 1)``; 0 leaves the model untouched.
         tile: ``(tile_h, tile_w)`` of the local windows in which destinations are chosen and tokens merged (an
             integer ``t``: ``(t, t)``).
         tau: softmax temperature of the merge assignment (large = nearly hard assignment), positive and finite.
+        tie_tol: destination selection treats gains within ``tie_tol`` per tile token of the best as tied and takes
+            the lowest index among them, so rounding noise (batch mates, attention backend, compiler) cannot flip
+            picks; 0 keeps exact ties only.
+        locality: ``lambda`` of a distance prior: selection and weights use ``cos - lambda * d^2`` for tokens ``d``
+            grid steps apart (0: none), so that destinations spread over the tile and flat regions merge into nearby
+            ones.
         merge_attn / merge_crossattn / merge_mlp: run self-attention / cross-attention queries / the MLP on merged
             tokens (the whole block by default; attention alone is more faithful and slower, see docs/benchmarks.md).
-        dest_every: recompute destinations every this many steps (reused in between).
-        weight_every: recompute merge weights every this many steps. Within a step, the first patched block of a
+            Only ``merge_attn`` applies in ``mode="kv"``.
+        mode: ``"tokens"``: the merged sub-modules run on merged tokens, their outputs unmerged; ``"kv"``: every
+            query kept, the self-attention's keys and values taken from ToMA's selection (ToDo's placement with
+            ToMA's adaptive choice of keys), nothing to unmerge.
+        kv_tokens: ``mode="kv"``: keys and values projected from the ``"destinations"`` themselves (``x[D]``, no
+            averaging) or from the ``"merged"`` tokens ``M x`` (weighted means of each destination's sources).
+        dest_every: recompute destinations every this many merged steps (reused in between).
+        weight_every: recompute merge weights every this many merged steps. Within a step, the first patched block of a
             reuse group (a UNet level on the down, mid or up path) computes them and the later blocks reuse them.
         max_downsample: (keyword) merge in blocks whose grid is at most this many times smaller than the latent
-            (4: the 64x64, 32x32 and 16x16-token levels of SD 1.5 at 512px, and both attention levels of SDXL).
-        steps: (keyword) 0-based denoising steps at which merging is active (``None``: all); the others run the full
-            model.
+            (4: the 64x64, 32x32 and 16x16-token levels of SD 1.5 at 512px, and both attention levels of SDXL);
+            ``None``: the finest level that has attention (SD 1.x: 1, SDXL: 2; ToDo's placement).
+        merge_every: merge at steps 0, ``merge_every``, 2 ``merge_every``, ... only and run the full model in
+            between (the authors' schedule: 3, see :meth:`authors_schedule`).
+        steps: (keyword) 0-based denoising steps at which merging is active (``None``: all; with ``merge_every``,
+            those of them it keeps); the others run the full model.
         blocks: (keyword) diffusion transformers: merged block index ranges per block kind, half-open, e.g.
             ``{"double": (0, None), "single": range(5, 38)}`` (Flux kinds ``double``/``single``, SD3 ``joint``,
             PixArt ``blocks``); kinds not given keep the model's default (Flux: all but the first
@@ -51,12 +74,17 @@ class ToMA(FlagRoles, Method):
     ratio: float = 0.5
     tile: tuple[int, int] = (4, 4)
     tau: float = 1000.0
+    tie_tol: float = TIE_TOL
+    locality: float = 0.0
     merge_attn: bool = True
     merge_crossattn: bool = True
     merge_mlp: bool = True
+    mode: str = "tokens"
+    kv_tokens: str = "destinations"
     max_downsample: int | None = field(default=4, kw_only=True)
     dest_every: int = 5
     weight_every: int = 1
+    merge_every: int = 1
 
     cache_type = ToMACache
 
@@ -64,17 +92,45 @@ class ToMA(FlagRoles, Method):
         self._set("ratio", check_ratio(self.ratio))
         self._set("tile", check_tile(self.tile))
         self._set("tau", real("tau", self.tau, 0.0, math.inf, low_open=True, high_open=True))
+        self._set("tie_tol", real("tie_tol", self.tie_tol, 0.0, 1.0, high_open=True))
+        self._set("locality", real("locality", self.locality, 0.0, math.inf, high_open=True))
         self.check_flags()
-        self._set("dest_every", integer("dest_every", self.dest_every, 1))
-        self._set("weight_every", integer("weight_every", self.weight_every, 1))
+        if self.mode not in ("tokens", "kv"):
+            raise ValueError(f"mode must be 'tokens' or 'kv', got {self.mode!r}")
+        if self.mode == "kv" and not boolean("merge_attn", self.merge_attn):
+            raise ValueError("mode='kv' merges the self-attention's keys and values: merge_attn must be True")
+        if self.kv_tokens not in ("destinations", "merged"):
+            raise ValueError(f"kv_tokens must be 'destinations' or 'merged', got {self.kv_tokens!r}")
+        for name in ("dest_every", "weight_every", "merge_every"):
+            self._set(name, integer(name, getattr(self, name), 1))
 
     @property
     def is_identity(self) -> bool:
         return self.ratio == 0.0
 
+    @property
+    def keys_values(self) -> bool:  # type: ignore[override]
+        return self.mode == "kv"
+
+    @property
+    def roles(self) -> frozenset[str]:
+        return frozenset({"attn"}) if self.keys_values else super().roles
+
+    @classmethod
+    def authors_schedule(cls, **options: Any) -> ToMA:
+        """The step schedule of the authors' reference code (WenboLuu/ToMA): merge at steps 0, 3, 6, ... with fresh
+        destinations and weights at each merged step, the full model in between; ``options`` as the class's. On the
+        command line: ``toma:merge_every=3,dest_every=1``."""
+        return cls(**{"merge_every": 3, "dest_every": 1, "weight_every": 1, **options})
+
+    def active(self, step: int) -> bool:
+        return super().active(step) and step % self.merge_every == 0
+
     def phase(self, step: int, num_steps: int | None) -> tuple[bool, bool]:
-        """``(destinations due, weights due)`` at ``step``: weights every ``weight_every`` steps; destinations with
-        the first weights at least ``dest_every`` steps after the last destinations (from step 0)."""
+        """``(destinations due, weights due)`` at ``step``, counted in merged steps ``m = step // merge_every``:
+        weights every ``weight_every``; destinations with the first weights at least ``dest_every`` after the last
+        destinations (from ``m = 0``)."""
+        step //= self.merge_every
         weights_due = step % self.weight_every == 0
         last_dest = 0
         for s in range(self.weight_every, step + 1, self.weight_every):
@@ -82,15 +138,18 @@ class ToMA(FlagRoles, Method):
                 last_dest = s
         return weights_due and last_dest == step, weights_due
 
-    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: ToMACache, phase: Hashable) -> TileMerge:
-        """The group's merge: computed by its first block in a step where weights are due (with new destinations if
-        those are due too) or when nothing is cached for this batch size, grid, device and dtype; else reused."""
+    def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: ToMACache, phase: Hashable) -> TileMerge | MergedKV:
+        """The group's merge (``mode="kv"``: its keys/values): computed by its first block in a step where weights
+        are due (with new destinations if those are due too) or when nothing is cached for this batch size, grid,
+        device and dtype; else reused."""
         dest_due, weights_due = phase
         key = (x.shape[0], *grid, x.device, x.dtype)
         if cache.key != key:
             cache.key, cache.merge, cache.dest, cache.fresh = key, None, None, False
         if cache.merge is None or (weights_due and not cache.fresh):
             dest = None if dest_due else cache.dest
-            cache.merge, cache.dest = toma_merge(x, TileGrid(*grid, *self.tile), self.ratio, self.tau, dest)
+            tiles = TileGrid(*grid, *self.tile)
+            merge, cache.dest = toma_merge(x, tiles, self.ratio, self.tau, dest, self.tie_tol, self.locality)
+            cache.merge = MergedKV(merge, self.kv_tokens == "destinations") if self.keys_values else merge
             cache.fresh = True
         return cache.merge

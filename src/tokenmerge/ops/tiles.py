@@ -31,6 +31,12 @@ class Region(NamedTuple):
     def num_tiles(self) -> int:
         return (self.rows // self.tile_h) * (self.cols // self.tile_w)
 
+    def sq_distances(self, device: torch.device | None = None) -> torch.Tensor:
+        """``(s, s)`` float32 squared grid distances between the (row-major) slots of one tile, in tokens."""
+        slot = torch.arange(self.tile_size, device=device)
+        rows, cols = (slot // self.tile_w).float(), (slot % self.tile_w).float()
+        return (rows[:, None] - rows[None, :]) ** 2 + (cols[:, None] - cols[None, :]) ** 2
+
 
 @dataclass
 class TileGrid:

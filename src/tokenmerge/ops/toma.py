@@ -1,8 +1,10 @@
 """ToMA merge and unmerge as dense, attention-like matrices over tiles.
 
-Per tile of ``s`` tokens with ``k`` destinations ``D``:
-``A = softmax_over_destinations(tau * D_hat @ X_hat^T)`` (``k x s``, columns sum to 1), with each destination's own
-column forced one-hot; merge ``Y = M @ X`` with ``M = A / rowsum(A)``; unmerge ``X' = A^T @ Y'``.
+Per tile of ``s`` tokens with ``k`` destinations ``D``, similarities ``S = X_hat X_hat^T - lambda * d^2`` (cosine,
+less an optional locality prior: ``d`` the grid distance between two tokens, ``lambda`` = ``locality``):
+destinations by facility location on ``S``; ``A = softmax_over_destinations(tau * S[D])`` (``k x s``, columns sum
+to 1), with each destination's own column forced one-hot; merge ``Y = M @ X`` with ``M = A / rowsum(A)``; unmerge
+``X' = A^T @ Y'``.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokenmerge.ops.select import cosine_similarity, facility_location
+from tokenmerge.ops.select import TIE_TOL, cosine_similarity, facility_location
 from tokenmerge.ops.tiles import TileGrid
-from tokenmerge.plans import MergePlan
+from tokenmerge.plans import KVPlan, MergePlan
 
 
 def keep_count(tile_size: int, ratio: float) -> int:
@@ -24,17 +26,28 @@ def keep_count(tile_size: int, ratio: float) -> int:
     return max(1, min(tile_size, round((1.0 - ratio) * tile_size)))
 
 
-def select_destinations(tiles: torch.Tensor, k: int) -> torch.Tensor:
-    """``(B, T, s, C)`` tokens -> ``(B, T, k)`` tile-local destination indices (facility location per tile/sample)."""
-    return facility_location(cosine_similarity(tiles), k)
+def select_destinations(
+    tiles: torch.Tensor, k: int, tie_tol: float = TIE_TOL, prior: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(B, T, s, C)`` tokens -> ``(B, T, k)`` tile-local destination indices (facility location per tile/sample on
+    cosine similarity less ``prior`` ``(s, s)`` if given, stable ties: see
+    :func:`~tokenmerge.ops.select.facility_location`)."""
+    sim = cosine_similarity(tiles)
+    return facility_location(sim if prior is None else sim - prior, k, tie_tol)
 
 
-def merge_weights(tiles: torch.Tensor, dest: torch.Tensor, tau: float) -> torch.Tensor:
-    """Assignment ``A`` of shape ``(B, T, k, s)`` in float32: softmax over destinations of cosine similarity times
-    ``tau``, destination columns one-hot. Every column sums to 1 and every row to at least 1."""
+def merge_weights(
+    tiles: torch.Tensor, dest: torch.Tensor, tau: float, prior: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Assignment ``A`` of shape ``(B, T, k, s)`` in float32: softmax over destinations of ``tau`` times cosine
+    similarity (less ``prior`` ``(s, s)``, rows taken at the destinations), destination columns one-hot. Every
+    column sums to 1 and every row to at least 1."""
     xn = F.normalize(tiles.float(), dim=-1, eps=1e-6)
     dn = torch.gather(xn, 2, dest.unsqueeze(-1).expand(*dest.shape, xn.shape[-1]))
-    assign = torch.softmax(tau * (dn @ xn.transpose(-1, -2)), dim=-2)
+    logits = dn @ xn.transpose(-1, -2)
+    if prior is not None:
+        logits = logits - prior[dest]
+    assign = torch.softmax(tau * logits, dim=-2)
     own = F.one_hot(dest, tiles.shape[2]).to(assign.dtype)
     return torch.where(own.sum(-2, keepdim=True) > 0, own, assign)
 
@@ -88,6 +101,30 @@ class TileMerge(MergePlan):
         return self.grid.unfold(tiles)
 
 
+@dataclass
+class MergedKV(KVPlan):
+    """Self-attention keys/values from a ToMA merge (every query kept, nothing to unmerge): ``kv(x)``
+    ``(B, N, C) -> (B, K, C)`` is the merged tokens ``M x`` or, with ``select``, the destination tokens themselves
+    ``x[D]`` (no averaging); ``kv_index`` ``(B, K)``: the grid position (destination) of every key, per sample."""
+
+    merge: TileMerge
+    select: bool = False
+
+    @property
+    def kv_index(self) -> torch.Tensor:  # type: ignore[override]
+        return self.merge.dest
+
+    @property
+    def num_kv(self) -> int:
+        return self.merge.num_merged
+
+    def kv(self, x: torch.Tensor) -> torch.Tensor:
+        if self.select:
+            dest = self.merge.dest
+            return torch.gather(x, 1, dest.unsqueeze(-1).expand(*dest.shape, x.shape[-1]))
+        return self.merge.merge(x)
+
+
 USE_TRITON: bool = os.environ.get("TOKENMERGE_TRITON", "1") != "0" and importlib.util.find_spec("triton") is not None
 """Whether :func:`toma_merge` may take the fused Triton path on CUDA (env ``TOKENMERGE_TRITON=0`` at import, or set
 this to False, forces the torch path)."""
@@ -105,8 +142,12 @@ def toma_merge(
     ratio: float,
     tau: float = 1000.0,
     dest: list[torch.Tensor] | None = None,
+    tie_tol: float = TIE_TOL,
+    locality: float = 0.0,
 ) -> tuple[TileMerge, list[torch.Tensor]]:
-    """Build the ToMA merge of ``x`` ``(B, N, C)`` on ``grid``; reuses tile-local ``dest`` if given.
+    """Build the ToMA merge of ``x`` ``(B, N, C)`` on ``grid``; reuses tile-local ``dest`` if given, else selects
+    them with tie tolerance ``tie_tol``; ``locality`` (``lambda``) subtracts ``lambda * d^2`` from the similarities
+    of tokens ``d`` grid steps apart, in selection and weights.
 
     Returns the merge and the tile-local destinations (one ``(B, T_r, k_r)`` tensor per region) for later reuse.
     Dispatches to the fused Triton kernels when :func:`use_triton`, else to :func:`toma_merge_torch`.
@@ -114,8 +155,8 @@ def toma_merge(
     if use_triton(x):
         from tokenmerge.ops.triton_toma import toma_merge_triton
 
-        return toma_merge_triton(x, grid, ratio, tau, dest)
-    return toma_merge_torch(x, grid, ratio, tau, dest)
+        return toma_merge_triton(x, grid, ratio, tau, dest, tie_tol, locality)
+    return toma_merge_torch(x, grid, ratio, tau, dest, tie_tol, locality)
 
 
 def toma_merge_torch(
@@ -124,10 +165,16 @@ def toma_merge_torch(
     ratio: float,
     tau: float = 1000.0,
     dest: list[torch.Tensor] | None = None,
+    tie_tol: float = TIE_TOL,
+    locality: float = 0.0,
 ) -> tuple[TileMerge, list[torch.Tensor]]:
     """The pure-torch :func:`toma_merge` (any device)."""
     tiles = grid.fold(x)
+    priors = [locality * r.sq_distances(x.device) if locality else None for r in grid.regions]
     if dest is None:
-        dest = [select_destinations(t, keep_count(t.shape[2], ratio)) for t in tiles]
-    assign = [merge_weights(t, d, tau) for t, d in zip(tiles, dest, strict=True)]
+        dest = [
+            select_destinations(t, keep_count(t.shape[2], ratio), tie_tol, p)
+            for t, p in zip(tiles, priors, strict=True)
+        ]
+    assign = [merge_weights(t, d, tau, p) for t, d, p in zip(tiles, dest, priors, strict=True)]
     return TileMerge.from_assignment(grid, assign, dest, x.dtype), dest

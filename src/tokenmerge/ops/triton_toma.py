@@ -3,12 +3,13 @@
 Per :class:`~tokenmerge.ops.tiles.Region` of a :class:`~tokenmerge.ops.tiles.TileGrid`, one program per
 ``(batch, tile)`` reads the tile's ``s`` tokens straight from the ``(B, N, C)`` grid (no fold copy) and
 
-1. *plan* (one launch per region): computes ``S = X_hat X_hat^T`` (``s x s``, float32, ``X_hat`` rows normalised
-   like ``F.normalize``), runs the ``k``-step greedy facility location with the running max ``m`` in registers (first
-   pick ``argmax_i sum_j S_ij``, then ``argmax_i sum_j relu(S_ij - m_j)`` over unpicked rows, ties to the lowest index,
-   ``m = max(m, S_pick)``), or takes given destinations; then ``A = softmax_dest(tau * S[D])`` (``k x s``, float32)
-   with destination columns one-hot, and writes ``M = A / rowsum(A)``, ``A^T``, the tile-local and the grid indices of
-   the destinations;
+1. *plan* (one launch per region): computes ``S = X_hat X_hat^T - lambda * d^2`` (``s x s``, float32, ``X_hat``
+   rows normalised like ``F.normalize``, ``d`` grid distances, ``lambda`` the locality prior), runs the ``k``-step
+   greedy facility location with the running max ``m`` in registers (first pick ``argmax_i sum_j S_ij``, then
+   ``argmax_i sum_j relu(S_ij - m_j)`` over unpicked rows, gains within ``tie_tol * s`` of the best tied and the
+   lowest index winning, ``m = max(m, S_pick)``), or takes given destinations; then ``A = softmax_dest(tau * S[D])``
+   (``k x s``, float32) with destination columns one-hot, and writes ``M = A / rowsum(A)``, ``A^T``, the tile-local
+   and the grid indices of the destinations;
 2. *merge* ``Y = M X`` and 3. *unmerge* ``X' = A^T Y'`` (one launch per region each, a program per tile and channel
    block), gathering / scattering the grid positions of the tile directly.
 
@@ -22,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tokenmerge.ops.select import TIE_TOL
 from tokenmerge.ops.tiles import Region, TileGrid
 from tokenmerge.ops.toma import TileMerge, keep_count, toma_merge_torch
 
@@ -48,6 +50,8 @@ def _plan_kernel(
     k_total,
     k_offset,
     tau,
+    tie_tol,
+    locality,
     sxb,
     sxn,
     sxc,
@@ -89,6 +93,9 @@ def _plan_kernel(
         xc = tl.load(rows[:, None] + cols[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
         xn = xc / denom[:, None]
         sim += tl.dot(xn, tl.trans(xn), input_precision="ieee")
+    dr = (offs_s // TW)[:, None] - (offs_s // TW)[None, :]
+    dc = (offs_s % TW)[:, None] - (offs_s % TW)[None, :]
+    sim -= locality * (dr * dr + dc * dc).to(tl.float32)  # locality prior lambda * d^2 (0: none)
 
     # greedy facility location (or given destinations); logits rows L[r] = S[dest_r]
     neg_inf = float("-inf")
@@ -104,7 +111,8 @@ def _plan_kernel(
             gain = tl.sum(tl.where(valid_s[None, :], gain_terms, 0.0), axis=1)
             gain = tl.where(taken, neg_inf, gain)
             top = tl.max(gain, axis=0)
-            pick = tl.min(tl.where(gain == top, offs_s, BLOCK_S), axis=0)  # lowest index among ties
+            tied = gain >= top - tie_tol * S  # stable ties, as ops.select.facility_location
+            pick = tl.min(tl.where(tied, offs_s, BLOCK_S), axis=0)  # lowest index among ties
         taken = taken | (offs_s == pick)
         row = tl.max(tl.where(offs_s[:, None] == pick, sim, neg_inf), axis=0)  # S[pick, :]
         best = tl.maximum(best, row)
@@ -279,11 +287,14 @@ def toma_merge_triton(
     ratio: float,
     tau: float = 1000.0,
     dest: list[torch.Tensor] | None = None,
+    tie_tol: float = TIE_TOL,
+    locality: float = 0.0,
 ) -> tuple[TileMerge, list[torch.Tensor]]:
     """Fused-kernel :func:`~tokenmerge.ops.toma.toma_merge_torch`: same arguments, same results (up to float
-    rounding of the weights; identical destinations). Falls back to the torch path where the kernels do not apply."""
+    rounding of the weights; the same destinations, by the same stable tie rule). Falls back to the torch path where
+    the kernels do not apply."""
     if not kernels_apply(x, grid):
-        return toma_merge_torch(x, grid, ratio, tau, dest)
+        return toma_merge_torch(x, grid, ratio, tau, dest, tie_tol, locality)
     b, n, c = x.shape
     if n != grid.num_tokens:
         raise ValueError(f"expected {grid.num_tokens} tokens for a {grid.height}x{grid.width} grid, got {n}")
@@ -312,6 +323,8 @@ def toma_merge_triton(
             k_total,
             k_offset,
             float(tau),
+            float(tie_tol),
+            float(locality),
             *x.stride(),
             S=s,
             K=k,
