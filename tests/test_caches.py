@@ -235,34 +235,48 @@ def test_reset_resets_the_cache(flux) -> None:
     assert not torch.equal(stale[0], first[0])
 
 
-def test_deepcache_stacks_on_a_unet(monkeypatch) -> None:
-    """DeepCache caches the UNet's deep branch (whole ``Transformer2DModel`` s): every method stacks, either order."""
+@pytest.fixture(scope="module")
+def sd15():
+    """A tiny SD 1.5 pipeline with a DeepCache helper (enabled by the tests), and the unaccelerated output."""
     deepcache = pytest.importorskip("DeepCache")
     pipe = tiny_pipeline("tiny-sd15")
     pipe.set_progress_bar_config(disable=True)
-    reference = generate(pipe, steps=STEPS)
     helper = deepcache.DeepCacheSDHelper(pipe=pipe)
     helper.set_params(cache_interval=2, cache_branch_id=0)
+    return pipe, helper, {}
+
+
+def _sd15_run(pipe) -> torch.Tensor:
+    return generate(pipe, steps=3, height=16, width=16)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_deepcache_stacks_on_a_unet(sd15, method: str) -> None:
+    """DeepCache caches the UNet's deep branch (whole ``Transformer2DModel`` s): every method stacks, in either
+    order, and each side's removal leaves exactly the other."""
+    pipe, helper, outputs = sd15
+    if "none" not in outputs:
+        outputs["none"] = _sd15_run(pipe)
+        helper.enable()
+        outputs["deepcache"] = _sd15_run(pipe)
+        helper.disable()
+    reference, cache_alone = outputs["none"], outputs["deepcache"]
+    make = lambda: METHODS[method](max_downsample=8)  # noqa: E731
+    tm.apply(pipe, make())
+    method_alone = _sd15_run(pipe)
     helper.enable()
-    cache_alone = generate(pipe, steps=STEPS)
+    first = _sd15_run(pipe)
     helper.disable()
-    for name in METHODS:
-        method = METHODS[name](max_downsample=8)
-        tm.apply(pipe, method)
-        method_alone = generate(pipe, steps=STEPS)
-        helper.enable()
-        first = generate(pipe, steps=STEPS)
-        helper.disable()
-        assert torch.equal(generate(pipe, steps=STEPS), method_alone), name
-        tm.remove(pipe)
-        helper.enable()
-        tm.apply(pipe, method)
-        assert torch.equal(generate(pipe, steps=STEPS), first), name
-        assert not torch.equal(first, method_alone), name
-        tm.remove(pipe)
-        assert torch.equal(generate(pipe, steps=STEPS), cache_alone), name
-        helper.disable()
-    assert torch.equal(generate(pipe, steps=STEPS), reference)
+    assert torch.equal(_sd15_run(pipe), method_alone)
+    tm.remove(pipe)
+    helper.enable()
+    tm.apply(pipe, make())
+    assert torch.equal(_sd15_run(pipe), first)
+    assert not torch.equal(first, method_alone) and not torch.equal(first, cache_alone)
+    tm.remove(pipe)
+    assert torch.equal(_sd15_run(pipe), cache_alone)
+    helper.disable()
+    assert torch.equal(_sd15_run(pipe), reference)
 
 
 def test_pareto_cache_and_stack_settings(flux) -> None:
