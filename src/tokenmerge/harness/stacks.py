@@ -179,6 +179,11 @@ def _supports(name: str, layout: Layout, target: Any) -> str | None:
     return None
 
 
+def _number(text: str) -> int | float:
+    text = text.strip()
+    return int(text) if text.lstrip("-").isdigit() else float(text)
+
+
 def parse_stack(text: str) -> tuple[str, list[float], str, list[float]]:
     """``CACHE=V[,V]+METHOD=V[,V]`` (values optional: the quick values) -> names and values."""
     parts = text.split("+")
@@ -191,7 +196,7 @@ def parse_stack(text: str) -> tuple[str, list[float], str, list[float]]:
         if name not in table:
             raise HarnessError(f"--stack {text!r}: unknown {name!r}; choose from {', '.join(table)}")
         try:
-            values = [float(v) for v in rest.split(",") if v.strip()] or list(table[name].quick_values)
+            values = [_number(v) for v in rest.split(",") if v.strip()] or list(table[name].quick_values)
         except ValueError:
             raise HarnessError(f"--stack {text!r}: values must be numbers") from None
         out += [name, values]

@@ -105,7 +105,7 @@ def layout_of(target: Any) -> Layout:
     for site in sites:
         if site.kind is not None:
             kinds[site.kind] = max(kinds.get(site.kind, 0), site.index + 1)
-    family = "dit" if adapter.default_blocks else "unet"
+    family = "dit" if adapter.default_blocks() else "unet"
     return Layout(family, tuple(sorted({s.downsample for s in sites})), kinds)
 
 
