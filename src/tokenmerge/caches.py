@@ -8,12 +8,13 @@ replaces the ``forward`` of a UNet's blocks by closures. tokenmerge's torch hook
 their ``forward``, so they keep firing around any such replacement, and enabling a cache and ``tm.apply`` commute:
 each installs and removes only its own parts. Where the cache sits decides whether the two compose:
 
-- **On a whole patched block, or above one** (FirstBlockCache, MagCache, SeaCache, TaylorSeer's default block hooks,
-  DeepCache's ``Transformer2DModel`` wrappers): a skipped block runs none of its sub-modules, so it computes no plan
-  (plans are computed when the first merged sub-module runs, :meth:`tokenmerge.hooks.BlockRun.take_plan`), and what
-  the cache stores is the block's full-resolution output. Exact composition.
-- **On a sub-module of a patched block** (Pyramid Attention Broadcast or FasterCache on a merged attention,
-  TaylorSeer's lite mode on Flux's ``proj_out``): the cached output holds the *merged* rows of one step's plan, which
+- **On a whole patched block, or above one** (FirstBlockCache, MagCache, SeaCache, TaylorSeer with block
+  ``cache_identifiers`` or in lite mode, DeepCache's ``Transformer2DModel`` wrappers): a skipped block runs none of
+  its sub-modules, so it computes no plan (plans are computed when the first merged sub-module runs,
+  :meth:`tokenmerge.hooks.BlockRun.take_plan`), and what the cache stores is the block's full-resolution output.
+  Exact composition.
+- **On a sub-module of a patched block** (Pyramid Attention Broadcast, FasterCache and TaylorSeer's default hooks,
+  all on attention modules): the cached output holds the *merged* rows of one step's plan, which
   the next plans unmerge to other tokens (and CA-ToMe's ``batch="sample"`` to other lengths). This cannot work for a
   method that merges that sub-module: :func:`check_caches` raises ``ValueError`` at ``apply``, and again when a
   pipeline loop or a bare denoiser's generation starts (a cache enabled after ``apply``). Keys/values methods (ToDo)
@@ -110,7 +111,8 @@ def check_caches(method: Method, model: nn.Module, sites: list[Site]) -> None:
                 raise ValueError(
                     f"{method.describe()} cannot run with {found.cache} on {names[id(module)]}: it caches that "
                     f"module's output, which holds {what} of {site.name} whose meaning changes with every plan; use a "
-                    "cache on whole blocks (FirstBlockCache, MagCache, SeaCache, TaylorSeer's block hooks, DeepCache) "
+                    "cache on whole blocks (FirstBlockCache, MagCache, SeaCache, TaylorSeer with block "
+                    "cache_identifiers, DeepCache) "
                     "or leave that block unmerged (blocks=)"
                 )
 
