@@ -309,3 +309,20 @@ def test_parse_stack_errors(text: str) -> None:
 
     with pytest.raises(HarnessError, match="--stack"):
         parse_stack(text)
+
+
+def test_pareto_command_takes_caches_and_stacks(capsys: pytest.CaptureFixture[str]) -> None:
+    from tokenmerge.cli import main
+
+    argv = ["pareto", "--model", "reference-unet", "--methods", "none", "--caches", "deepcache,fbc"]
+    argv += ["--stack", "deepcache=3+toma=0.5", "--quick", "--dry-run", "--out", "unused"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:5] == [
+        "baseline",
+        "deepcache:interval=2",
+        "deepcache:interval=3 (default)",
+        "deepcache:interval=5",
+        "deepcache:interval=3+toma:ratio=0.5",
+    ]
+    assert "skipped fbc:threshold=0.1: fbc runs on dit models, not on a unet" in lines
