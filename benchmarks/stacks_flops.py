@@ -34,17 +34,21 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="the methods' and caches' quick values")
+    parser.add_argument("--skip", action="append", default=[], help="leave this setting label out (repeatable)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     runner = open_runner(args.model, None, None, args.num_prompts, resolve_device("cpu"), steps=args.steps)
     layout = layout_of(runner.target)
     chosen = [] if args.methods == "none" else [m for m in args.methods.split(",") if m]
-    plan = build_settings(layout, Selection(chosen, quick=args.quick), runner.method_defaults)
+    presets = {name: ["default"] for name in chosen}  # each method's default placement, at its values
+    plan = build_settings(layout, Selection(chosen, presets, quick=args.quick), runner.method_defaults)
     caches = [c for c in args.caches.split(",") if c]
     extra, skipped = build_cache_settings(layout, runner.target, caches, args.stack, args.quick, runner.method_defaults)
     rows, base, base_flops = [], None, None
     for setting in [*plan.settings, *extra]:
+        if setting.label in args.skip:
+            continue
         setting.apply(runner.target)
         try:
             images: list[torch.Tensor] = []
