@@ -1,8 +1,11 @@
 """The torch hooks ``apply`` installs around one block, grouped by what they do (one small class per hook set).
 
-Every hook reads the block's current plan from its :class:`BlockRun`, which the block's :class:`PlanHook` fills
-before the block runs. Hooks are bound methods or callable objects (no closures), so that ``copy.deepcopy`` of a
-patched model gives hooks that act on the copy.
+Every hook reads the block's current plan from its :class:`BlockRun`. The block's :class:`PlanHook` only records the
+block's input; the plan is computed from it when the first merged sub-module of the call asks for it
+(:meth:`BlockRun.take_plan`), so that a block whose forward a step cache skips (diffusers' FirstBlockCache, MagCache,
+TaylorSeer, DeepCache, ...: the block's torch pre-hook still fires, its sub-modules do not run) costs no plan. Hooks
+are bound methods or callable objects (no closures), so that ``copy.deepcopy`` of a patched model gives hooks that
+act on the copy.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ from tokenmerge.plans import KVPlan, MergePlan
 
 @dataclass(eq=False)
 class BlockRun:
-    """One patched block at run time: the plan of its current call (``None``: unmerged), the roles running merged
-    right now (for the site's keyword and output maps), and its last call's image tokens in and out."""
+    """One patched block at run time: the plan of its current call (``None``: unmerged), the input it is planned from
+    (``pending``, until a sub-module asks), the roles running merged right now (for the site's keyword and output
+    maps), and its last call's image tokens in and out."""
 
     site: Site
+    planner: Planner | None = None
     plan: MergePlan | KVPlan | None = None
+    pending: torch.Tensor | None = None
     running: dict[str, MergePlan | KVPlan] = field(default_factory=dict)
     tokens_in: int | None = None
     tokens_out: int | None = None
@@ -34,6 +40,13 @@ class BlockRun:
         hw = self.site.grid.hw
         return 0 if hw is None else hw[0] * hw[1]
 
+    def take_plan(self) -> MergePlan | KVPlan | None:
+        """The plan of the block's current call, planned from its input on the first call of this one."""
+        x, self.pending = self.pending, None
+        if x is not None and self.planner is not None:
+            self.planner.plan_block(self, x)
+        return self.plan
+
 
 class Planner(Protocol):
     def plan_block(self, run: BlockRun, x: torch.Tensor) -> None: ...
@@ -41,13 +54,12 @@ class Planner(Protocol):
 
 @dataclass(eq=False)
 class PlanHook:
-    """Pre-hook of a block: plan its merge from its input tokens."""
+    """Pre-hook of a block: record its input tokens, to plan from when a merged sub-module first runs."""
 
-    planner: Planner
     run: BlockRun
 
     def __call__(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.planner.plan_block(self.run, args[0] if args else kwargs["hidden_states"])
+        self.run.plan, self.run.pending = None, args[0] if args else kwargs["hidden_states"]
 
 
 @dataclass(eq=False)
@@ -66,7 +78,7 @@ class MergeHooks:
         ]
 
     def merge(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        plan, x = self.run.plan, args[0] if args else kwargs.get("hidden_states")
+        plan, x = self.run.take_plan(), args[0] if args else kwargs.get("hidden_states")
         if plan is None or not isinstance(x, torch.Tensor) or x.shape[1] != self.run.grid_tokens:
             self.stack.append(None)
             return None
@@ -99,7 +111,7 @@ class SpanHooks:
         return [entry.register_forward_hook(self.merge), exit_.register_forward_hook(self.unmerge)]
 
     def merge(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        plan, x = self.run.plan, output[0] if isinstance(output, tuple) else output
+        plan, x = self.run.take_plan(), output[0] if isinstance(output, tuple) else output
         n = self.run.grid_tokens
         if plan is None or not isinstance(x, torch.Tensor) or x.ndim != 3 or not 0 < n <= x.shape[1]:
             self.stack.append(None)
@@ -122,45 +134,54 @@ class SpanHooks:
 class KVHooks:
     """Keys/values plans on one attention module: while it runs a self-attention (``to_k``/``to_v`` take the very
     tensor ``to_q`` took), the last ``H*W`` tokens of their input (the image) become the plan's ``kv`` of them; the
-    queries keep every token. Raises if an active plan found no such projections (fused or unknown ones)."""
+    queries keep every token. Raises if an active plan found no such projections (fused or unknown ones) although the
+    attention ran (a step cache that serves the attention's output, e.g. Pyramid Attention Broadcast, runs none of its
+    sub-modules: nothing to check then)."""
 
     run: BlockRun
     plan: KVPlan | None = None
     queries: torch.Tensor | None = None
     projected: int = 0
+    ran: bool = False
 
     def install(self, attention: nn.Module) -> list[RemovableHandle]:
         handles = [
             attention.register_forward_pre_hook(self.enter, with_kwargs=True),
             attention.register_forward_hook(self.leave, with_kwargs=True),
         ]
-        for name, hook in (("to_q", self.take_queries), ("to_k", self.keys_values), ("to_v", self.keys_values)):
-            projection = getattr(attention, name, None)
-            if isinstance(projection, nn.Module):
-                handles.append(projection.register_forward_pre_hook(hook))
+        hooks = {"to_q": self.take_queries, "to_k": self.keys_values, "to_v": self.keys_values}
+        for name, child in attention.named_modules():
+            if name and not isinstance(child, nn.ModuleList | nn.ModuleDict):
+                handles.append(child.register_forward_pre_hook(hooks.get(name, self.inside)))
         return handles
 
     def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.run.plan is not None:
-            self.plan, self.queries, self.projected = self.run.plan, None, 0
-            self.run.running["attn"] = self.plan
+        plan = self.run.take_plan()
+        self.plan, self.queries, self.projected, self.ran = plan, None, 0, False
+        if plan is not None:
+            self.run.running["attn"] = plan
 
     def leave(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        plan, projected = self.plan, self.projected
+        plan, projected, ran = self.plan, self.projected, self.ran
         self.plan, self.queries, self.projected = None, None, 0
         self.run.running.pop("attn", None)
-        if plan is not None and projected < 2:
+        if plan is not None and ran and projected < 2:
             raise ValueError(
                 f"{self.run.site.name}: {type(getattr(module, 'processor', None)).__name__} attention does not project "
                 "keys and values through to_q/to_k/to_v from the same tokens (fused projections or not a "
                 "self-attention): keys/values methods cannot run here (call unfuse_qkv_projections())"
             )
 
+    def inside(self, module: nn.Module, args: tuple) -> None:
+        self.ran = True
+
     def take_queries(self, module: nn.Module, args: tuple) -> None:
+        self.ran = True
         if self.plan is not None:
             self.queries = args[0]
 
     def keys_values(self, module: nn.Module, args: tuple) -> tuple | None:
+        self.ran = True
         x, plan, n = args[0], self.plan, self.run.grid_tokens
         if plan is None or x is not self.queries or x.ndim != 3 or not 0 < n <= x.shape[1]:
             return None
@@ -199,7 +220,8 @@ def install_block(run: BlockRun, planner: Planner, roles: frozenset[str], keys_v
     """Every hook of one block: its plan hook, then the hook sets of the merged ``roles`` (or of its
     self-attentions' keys and values), then the site's keyword and output maps."""
     site = run.site
-    handles = [site.block.register_forward_pre_hook(PlanHook(planner, run), with_kwargs=True)]
+    run.planner = planner
+    handles = [site.block.register_forward_pre_hook(PlanHook(run), with_kwargs=True)]
     if keys_values:
         for attention in site.self_attention:
             handles += KVHooks(run).install(attention)

@@ -26,6 +26,7 @@ from tokenmerge.adapters.base import Adapter, Site
 from tokenmerge.adapters.dit import PixArtAdapter, SD3Adapter
 from tokenmerge.adapters.flux import FluxAdapter
 from tokenmerge.adapters.unet import UNetAdapter
+from tokenmerge.caches import check_caches, reset_caches
 from tokenmerge.hooks import BlockRun, install_block
 from tokenmerge.lifecycle import PipelineLink
 from tokenmerge.methods.base import Generation, Method, PlanCache
@@ -121,6 +122,7 @@ class Patch:
 
     def check(self) -> None:
         check_model(self.method, self.sites)
+        check_caches(self.method, self.adapter.model, self.sites)
 
     # ---- step tracking (denoiser hooks and pipeline events) -------------------------------------------------------
 
@@ -135,7 +137,11 @@ class Patch:
             self.counters.begin_call()
 
     def on_return(self, module: nn.Module, args: tuple, output: Any) -> None:
+        for run in self.runs:  # blocks that a step cache skipped were never planned
+            run.pending = None
         if not torch.compiler.is_compiling():
+            if self.runs and not self.counters.planned:
+                self.counters.block(False, Unmerged.SKIPPED)
             self.counters.end_call(self.tracker.step)
 
     def start_generation(self, key: tuple[int, ...]) -> None:
@@ -162,7 +168,7 @@ class Patch:
         self.tracker.reset()
         self.caches, self.generation = {}, Generation()
         for run in self.runs:
-            run.plan = None
+            run.plan = run.pending = None
             run.running.clear()
 
     def report(self) -> None:
@@ -372,7 +378,9 @@ def set_step(obj: Any, step: int) -> None:
 
 
 def reset(obj: Any) -> None:
-    """Start a new generation at the next call (pipelines do this themselves; for direct denoiser loops)."""
+    """Start a new generation at the next call (pipelines do this themselves; for direct denoiser loops), and reset
+    the diffusers step caches of the denoiser (FirstBlockCache, ...) with it, as a pipeline call's end does."""
     patch = _patch(obj)
     if patch is not None:
         patch.finish_generation()
+    reset_caches(find_denoiser(obj))

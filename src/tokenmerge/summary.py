@@ -23,6 +23,7 @@ class Unmerged(Enum):
     PLAN = "the method has nothing to merge on this grid (smaller than a cell, or ratio * tokens < 1)"
     KEEPS_ALL = "the plan keeps every token (ratio too small for the tile)"
     NO_BLOCKS = "no block is patched (max_downsample= / blocks=)"
+    SKIPPED = "a step cache skipped every patched block (their outputs came from its cache)"
 
 
 @dataclass(eq=False)
@@ -39,6 +40,7 @@ class Counters:
     steps_merged: set[int] = field(default_factory=set)
     call_merged: bool = False
     call_reasons: set[Unmerged] = field(default_factory=set)
+    planned: bool = False  # a block of the call in progress was planned
 
     def start_generation(self) -> None:
         self.generations += 1
@@ -46,9 +48,10 @@ class Counters:
         self.steps_run, self.steps_merged = set(), set()
 
     def begin_call(self) -> None:
-        self.call_merged, self.call_reasons = False, set()
+        self.call_merged, self.call_reasons, self.planned = False, set(), False
 
     def block(self, merged: bool, reason: Unmerged | None) -> None:
+        self.planned = True
         self.call_merged |= merged
         if reason is not None:
             self.call_reasons.add(reason)

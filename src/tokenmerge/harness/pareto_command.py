@@ -49,7 +49,21 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--methods", help=f"comma-separated methods to sweep (default: {','.join(SWEEPS)})")
+    p.add_argument(
+        "--methods", help=f"comma-separated methods to sweep (default: {','.join(SWEEPS)}; none: only --caches/--stack)"
+    )
+    p.add_argument(
+        "--caches",
+        help="comma-separated step caches, each swept alone over its values: fbc,taylorseer (Flux), deepcache (UNet)",
+    )
+    p.add_argument(
+        "--stack",
+        action="append",
+        default=[],
+        metavar="CACHE[=V,..]+METHOD[=V,..]",
+        help="a step cache stacked with a method, every value pair (default: their quick values), e.g. "
+        "fbc=0.1+toma=0.5,0.75; repeatable",
+    )
     p.add_argument("--quick", action="store_true", help="a handful of settings per method, fewer images and rounds")
     p.add_argument(
         "--preset",
@@ -123,7 +137,9 @@ def selection(args: argparse.Namespace) -> Selection:
     chosen = None
     if args.methods is not None:
         chosen = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
-        if not chosen:
+        if chosen == ["none"]:  # caches and stacks only
+            chosen = []
+        elif not chosen:
             raise HarnessError("--methods: give at least one method, e.g. --methods toma,todo")
     presets = _per_method(args.preset, "--preset", str)
     values = _per_method(args.values, "--values", _number)
@@ -304,7 +320,8 @@ def run(args: argparse.Namespace) -> int:
     from tokenmerge.harness.pareto import check_targets, run_sweep, scene_metrics, standard_metrics
     from tokenmerge.harness.prompts import load_prompts
     from tokenmerge.harness.runners import REFERENCE, open_runner
-    from tokenmerge.harness.sweep import build_settings, layout_of
+    from tokenmerge.harness.stacks import build_cache_settings
+    from tokenmerge.harness.sweep import SweepPlan, build_settings, layout_of
     from tokenmerge.harness.timing import Schedule
 
     for name in ("rounds", "num_prompts", "steps", "height", "width", "warmup"):
@@ -339,6 +356,13 @@ def run(args: argparse.Namespace) -> int:
     options = dict(steps=steps, guidance_scale=args.guidance_scale, height=args.height, width=args.width)
     runner = open_runner(args.model, prompts, args.seeds, num_prompts, device, models.DTYPES[args.dtype], **options)
     plan = build_settings(layout_of(runner.target), sel, runner.method_defaults)
+    if args.caches or args.stack:
+        caches = [c.strip().lower() for c in (args.caches or "").split(",") if c.strip()]
+        layout = layout_of(runner.target)
+        extra, skipped = build_cache_settings(
+            layout, runner.target, caches, args.stack, args.quick, runner.method_defaults
+        )
+        plan = SweepPlan([*plan.settings, *extra], [*plan.skipped, *skipped])
     if args.dry_run:
         for setting in plan.settings:
             print(setting.label + (" (default)" if setting.default else ""))

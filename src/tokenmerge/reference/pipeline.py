@@ -5,11 +5,14 @@
 ``self.progress_bar(timesteps)``, as diffusers pipelines do, so ``tm.apply(pipe, method)`` works exactly as on a
 diffusers pipeline (the patch wraps ``set_timesteps`` to start a new generation and ``progress_bar`` to end it,
 however the loop ends). Classifier-free guidance runs the null prompt and the prompts as one batch ``[null, cond]``.
+Step caches enabled on a denoiser that has diffusers' ``CacheMixin`` (``pipe.transformer.enable_cache(...)``) work as
+in diffusers pipelines: each denoiser call runs in ``cache_context("cond")`` and a call ends with the cache reset.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from tokenmerge.caches import reset_caches
 from tokenmerge.reference import models
 from tokenmerge.reference.data import tokenize
 
@@ -123,12 +127,17 @@ class ReferencePipeline:
         noise = [torch.randn(3, self.size, self.size, generator=torch.Generator().manual_seed(s)) for s in seeds]
         x = torch.stack(noise).to(device)
         self.scheduler.set_timesteps(steps)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            out = denoise(self.denoiser, torch.cat((x, x)) if cfg else x, t.to(device), text, pooled)
-            if cfg:
-                uncond, cond = out.chunk(2)
-                out = uncond + guidance_scale * (cond - uncond)
-            x = self.scheduler.step(out, t, x).prev_sample
+        context = getattr(self.denoiser, "cache_context", None)  # diffusers' CacheMixin (step caches)
+        try:
+            for t in self.progress_bar(self.scheduler.timesteps):
+                with context("cond") if context is not None else nullcontext():
+                    out = denoise(self.denoiser, torch.cat((x, x)) if cfg else x, t.to(device), text, pooled)
+                if cfg:
+                    uncond, cond = out.chunk(2)
+                    out = uncond + guidance_scale * (cond - uncond)
+                x = self.scheduler.step(out, t, x).prev_sample
+        finally:
+            reset_caches(self.denoiser)
         return ((x + 1) / 2).clamp(0, 1)
 
 
