@@ -103,7 +103,7 @@ class Search:
 
     refine_rounds: int = 2
     probes: int = 3
-    confirm: int = 4
+    confirm: int = 3
     rounds: int = 3
     slack: float = 0.05
     safe: float = 0.1
@@ -506,7 +506,6 @@ def tune_runner(
     apply: bool = False,
     cache: str | Path | None = None,
     progress: bool = True,
-    on_result: Callable[[TuneResult], None] | None = None,
 ) -> TuneResult:
     """:func:`tune` on a prepared runner (the command line's and the benchmark's entry)."""
     from tokenmerge.harness import tune_cache
@@ -527,8 +526,6 @@ def tune_runner(
     result = _result(goal, key, found, time.perf_counter() - start)
     if path is not None:
         tune_cache.write(path, result)
-    if on_result is not None:
-        on_result(result)
     if apply:
         result.apply(runner.target)
     return result

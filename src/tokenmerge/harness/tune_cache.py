@@ -167,10 +167,6 @@ def _nums(scores: dict[str, float]) -> dict[str, float | str]:
     return {k: _num(v) for k, v in scores.items()}
 
 
-def _float(value: float | str) -> float:
-    return float(value)
-
-
 def read(path: str | Path) -> Any:
     """The :class:`tokenmerge.harness.tune.TuneResult` stored in ``path``."""
     from tokenmerge.harness.tune import Trial, TuneResult, method_from_record
@@ -181,7 +177,7 @@ def read(path: str | Path) -> Any:
         pick = data["pick"]
         method = method_from_record(pick["method"], pick["options"]) if pick["method"] else None
         trials = [
-            Trial(**dict(t, speedup=_float(t["speedup"]), scores={k: _float(v) for k, v in t["scores"].items()}))
+            Trial(**dict(t, speedup=float(t["speedup"]), scores={k: float(v) for k, v in t["scores"].items()}))
             for t in data["trials"]
         ]
         return TuneResult(
@@ -189,8 +185,8 @@ def read(path: str | Path) -> Any:
             reached=data["reached"],
             method=method,
             label=pick["label"],
-            speedup=_float(pick["speedup"]),
-            scores={k: _float(v) for k, v in pick["scores"].items()},
+            speedup=float(pick["speedup"]),
+            scores={k: float(v) for k, v in pick["scores"].items()},
             reason=data["reason"],
             front=data["front"],
             trials=trials,
