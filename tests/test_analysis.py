@@ -174,8 +174,8 @@ def test_cli_analyze_tiny_sd15(tmp_path: Path, capsys: pytest.CaptureFixture[str
 @pytest.mark.parametrize(
     "model, groups, placement",
     [
-        ("reference-unet", ["down1", "down2", "mid4", "up2", "up2", "up1", "up1"], ""),
-        ("reference-flux", ["double"] * 2 + ["single"] * 4, ", blocks={'double': (1, None), 'single': (1, None)})"),
+        ("reference-unet", ["down1", "down2", "down4", "mid8", "up4", "up4", "up2", "up2", "up1", "up1"], ""),
+        ("reference-flux", ["double"] * 4 + ["single"] * 8, ""),
     ],
 )
 def test_cli_analyze_reference_models(tmp_path: Path, model: str, groups: list, placement: str) -> None:
@@ -185,17 +185,18 @@ def test_cli_analyze_reference_models(tmp_path: Path, model: str, groups: list, 
     data = json.loads((out / "stats.json").read_text())
     assert [r["prompt"] for r in data["runs_info"]] == list(PROMPTS[:2]) and data["meta"]["prompt_set"] == "demo"
     assert [b["group"] for b in data["blocks"]] == groups and data["num_steps"] == 2
-    assert data["meta"]["height"] == 32 and data["meta"]["guidance_scale"] == 3.0
-    assert data["blocks"][0]["grid"] == ([32, 32] if model == "reference-unet" else [16, 16])
+    assert data["meta"]["height"] == 64 and data["meta"]["guidance_scale"] == 3.0
+    assert data["blocks"][0]["grid"] == ([64, 64] if model == "reference-unet" else [32, 32])
     summary = (out / "summary.md").read_text()
     assert f"tokenmerge demo --model {model.removeprefix('reference-')} --steps 2" in summary
     assert f"weight_every={data['schedules']['toma']['weight_every']}{placement or ')'}" in summary
     prompts = tmp_path / "captions.txt"
-    prompts.write_text("white ring on green checks\n")
+    prompts.write_text("white circle and red square on green checks\n")
     argv[argv.index("--num-prompts") : argv.index("--seeds")] = ["--prompts", str(prompts), "--height", "16"]
     assert main([*argv, "--out", str(tmp_path / "file")]) == 0
     data = json.loads((tmp_path / "file" / "stats.json").read_text())
-    assert data["runs_info"] == [dict(prompt="white ring on green checks", seed=3)] and data["meta"]["width"] == 16
+    assert data["runs_info"] == [dict(prompt="white circle and red square on green checks", seed=3)]
+    assert data["meta"]["width"] == 16
 
 
 @pytest.mark.parametrize(
@@ -222,7 +223,7 @@ def test_cli_analyze_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 def test_cli_analyze_reference_caption_outside_the_vocabulary(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("red circle on blue gradient\na lighthouse at dawn\n")
+    prompts.write_text("red circle and blue square on green gradient\na lighthouse at dawn\n")
     argv = ["analyze", "--model", "reference-flux", "--prompts", str(prompts), "--out", str(tmp_path / "a")]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -231,14 +232,14 @@ def test_cli_analyze_reference_caption_outside_the_vocabulary(tmp_path: Path, ca
 
 
 def test_trained_reference_unet_has_near_duplicate_tokens_a_random_one_lacks() -> None:
-    """Issue #6 point 4: the trained reference UNet says what random weights cannot. At its top level (32x32
+    """Issue #6 point 4: the trained reference UNet says what random weights cannot. At its top level (64x64
     tokens) the trained model's block inputs hold near-duplicate tokens; the same architecture with random weights
     (``models.build``, seeds 0 and 1) has almost none. Measured with this setting (2 demo captions, seed 0, 3 steps,
-    guidance 3; mean over the 3 top-level blocks, the steps and runs): share of tokens whose best match in their 4x4
-    tile has cosine >= 0.9: trained 0.331, random 0.000 (init seed 0) and 0.002 (seed 1); share of 2x2-cell sources
-    whose best match is >= 0.7: trained 0.963, random 0.696 and 0.790. Merge stability shows no such gap (ToMA
-    destinations, Jaccard distance to the previous step over the last two of 10 steps: trained 0.394, random 0.306
-    and 0.297), so it is not asserted."""
+    guidance 3; mean over the 3 top-level blocks, the steps and runs; 2026-12-03): share of tokens whose best match in
+    their 4x4 tile has cosine >= 0.9: trained 0.536, random 0.003 (init seed 0) and 0.000 (seed 1); share of 2x2-cell
+    sources whose best match is >= 0.7: trained 0.990, random 0.947 and 0.857 (at 64x64 even random features are
+    smooth over 2x2 cells, so that gap is small). Merge stability showed no such gap on the earlier 32x32 model, so it
+    is not asserted."""
 
     def top_level(pipe: ReferencePipeline) -> dict[str, float]:
         stats = analyze(pipe, PROMPTS[:2], [0], 3, Observe(), call=reference_call)
@@ -254,4 +255,4 @@ def test_trained_reference_unet_has_near_duplicate_tokens_a_random_one_lacks() -
         denoiser, text_encoder = models.build("unet", seed=seed)
         random = top_level(ReferencePipeline("unet", denoiser.eval(), text_encoder.eval()))
         assert trained["tile_share>=0.9"] > 0.2 > 0.05 > random["tile_share>=0.9"], (trained, random)
-        assert trained["cell_share>=0.7"] > random["cell_share>=0.7"] + 0.1, (trained, random)
+        assert trained["cell_share>=0.7"] > random["cell_share>=0.7"] + 0.02, (trained, random)

@@ -31,7 +31,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=4, help="use the first N prompts (default 4)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per prompt (default 0)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--height", type=int, help="default: the pipeline's (reference models: 32, square only)")
+    p.add_argument("--height", type=int, help="default: the pipeline's (reference models: 64, square only)")
     p.add_argument("--width", type=int)
     p.add_argument("--guidance-scale", type=float, help="default: the pipeline's (reference models: 3)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7, 0.9], help="similarity thresholds")
@@ -155,10 +155,8 @@ def run(args: argparse.Namespace) -> int:
     meta = dict(model=args.model, prompt_set=args.prompts, seeds=args.seeds, steps=args.steps, device=str(device))
     meta.update(dtype=args.dtype, height=args.height, width=args.width, guidance_scale=args.guidance_scale)
     if args.model in REFERENCE:
-        from tokenmerge.reference import FLUX_BLOCKS
-
         meta.update(prompt_set=args.prompts or "demo", height=pipe.size, width=pipe.size, demo=REFERENCE[args.model])
-        meta.update(guidance_scale=args.guidance_scale or 3.0, blocks=FLUX_BLOCKS if pipe.name == "flux" else None)
+        meta.update(guidance_scale=args.guidance_scale or 3.0)
     with report.atomic_dir(args.out, args.overwrite) as tmp:
         files = write_report(stats, derived, tmp, meta)
     catome, toma = derived["catome"], derived["toma"]

@@ -13,7 +13,6 @@ seeded before each call.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,18 +122,9 @@ class PipelineRunner:
 
 def reference_captions(n: int, seed: int = 0) -> list[str]:
     """``n`` distinct captions drawn from the reference models' scene grammar (a seeded draw, not the demo's)."""
-    from tokenmerge.reference.data import BACKGROUNDS, COLORS, SHAPES, caption
+    from tokenmerge.reference.data import sample_captions
 
-    rng = random.Random(seed)
-    space = [
-        caption(fg, shape, bg, backdrop)
-        for fg in COLORS
-        for shape in SHAPES
-        for bg in COLORS
-        for backdrop in BACKGROUNDS
-        if fg != bg
-    ]
-    return rng.sample(space, min(n, len(space)))
+    return sample_captions(n, seed)
 
 
 def open_runner(
@@ -154,7 +144,6 @@ def open_runner(
 
     if model in REFERENCE:
         from tokenmerge.reference.data import tokenize
-        from tokenmerge.reference.demo import FLUX_BLOCKS
         from tokenmerge.reference.pipeline import load_pipeline
 
         chosen = list(prompts)[:num_prompts] if prompts is not None else reference_captions(num_prompts)
@@ -163,12 +152,11 @@ def open_runner(
         except ValueError as exc:
             raise HarnessError(f"{model}: {exc}") from None
         if options.get("height") or options.get("width"):
-            raise HarnessError(f"{model} generates 32x32 images only: drop --height / --width")
+            raise HarnessError(f"{model} generates 64x64 images only: drop --height / --width")
         if dtype != torch.float32:
             raise HarnessError(f"{model} runs in float32 only")
         pipe = load_pipeline(REFERENCE[model]).to(device)
-        flux = dict(blocks=FLUX_BLOCKS) if REFERENCE[model] == "flux" else {}
-        return ReferenceRunner(model, pipe, ImageSet.cross(chosen, seeds, **options), flux)
+        return ReferenceRunner(model, pipe, ImageSet.cross(chosen, seeds, **options))
     chosen = list(prompts if prompts is not None else load_prompts("general"))[:num_prompts]
     images = ImageSet.cross(chosen, seeds, **options)
     if model in architectures():

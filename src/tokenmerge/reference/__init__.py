@@ -5,14 +5,12 @@ The demo's fixed image set lives here, where both the demo and ``tokenmerge anal
 
 #: Captions of the demo images, cycled: image ``i`` is caption ``i % 8`` with seed ``i``.
 PROMPTS = (
-    "red circle on blue gradient",
-    "yellow square on purple stripes",
-    "white triangle on green plain",
-    "blue ring on orange checks",
-    "orange circle on black stripes",
-    "green square on white gradient",
-    "purple triangle on yellow checks",
-    "black ring on red gradient",
+    "red circle and blue square on green stripes",
+    "yellow triangle and white circle and purple square on blue noise",
+    "green square and red triangle on yellow checks",
+    "blue circle and yellow square and red triangle on white gradient",
+    "purple triangle and green circle on red noise",
+    "white square and blue triangle and green circle on purple stripes",
+    "yellow circle and purple triangle on green gradient",
+    "red square and white triangle and blue circle on yellow checks",
 )
-#: Blocks every method merges on the small reference Flux: all but the first of each kind.
-FLUX_BLOCKS = {"double": (1, None), "single": (1, None)}

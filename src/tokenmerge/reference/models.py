@@ -1,9 +1,10 @@
 """The two reference models: configs, the word-level text encoder, and fp16 safetensors save/load.
 
-- ``unet``: a pixel-space ``UNet2DConditionModel`` laid out like SD 1.5 (cross-attention blocks at the top level, so
-  self-attention runs on the full 32x32 = 1024-token grid; 16x16 below; an 8x8 mid block), v-prediction.
-- ``flux``: a ``FluxTransformer2DModel`` on 2x2-packed pixels (12 channels, 16x16 = 256 image tokens), rotary
-  positions, double- and single-stream blocks, flow matching.
+- ``unet``: a pixel-space ``UNet2DConditionModel`` laid out like SD 1.5 on 64x64 images: self- and cross-attention
+  at the top level (64x64 = 4096 tokens, the token count of SD 1.5 at 512px), at 32x32 and at 16x16, a plain 8x8
+  level and a cross-attention mid block at 8x8; v-prediction.
+- ``flux``: a ``FluxTransformer2DModel`` on 2x2-packed pixels (12 channels, 32x32 = 1024 image tokens), rotary
+  positions, 4 double- and 8 single-stream blocks, flow matching.
 
 Each file ``<name>.safetensors`` holds the denoiser (``denoiser.*``) and its text encoder (``text_encoder.*``) in
 fp16; its metadata holds the configs and the vocabulary as JSON, so a file is self-describing.
@@ -18,31 +19,30 @@ from typing import Any
 import torch
 from torch import nn
 
-from tokenmerge.reference.data import MAX_TOKENS, VOCAB
+from tokenmerge.reference.data import IMAGE_SIZE, MAX_TOKENS, VOCAB
 
 WEIGHTS = Path(__file__).parent / "weights"
 MODELS = ("unet", "flux")
 TEXT_DIM = 64
-IMAGE_SIZE = 32
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "unet": dict(
         sample_size=IMAGE_SIZE,
         in_channels=3,
         out_channels=3,
-        block_out_channels=(32, 64, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 128, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         layers_per_block=1,
         cross_attention_dim=TEXT_DIM,
-        attention_head_dim=2,  # diffusers' UNet reads this as the number of heads
+        attention_head_dim=(1, 2, 4, 4),  # diffusers' UNet reads this as the number of heads: 32 channels each
         norm_num_groups=8,
     ),
     "flux": dict(
         patch_size=1,
         in_channels=12,  # 2x2-packed RGB
-        num_layers=2,
-        num_single_layers=4,
+        num_layers=4,
+        num_single_layers=8,
         attention_head_dim=32,
         num_attention_heads=3,
         joint_attention_dim=TEXT_DIM,
@@ -54,17 +54,20 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 
 class TextEncoder(nn.Module):
-    """Word ids ``(B, L)`` -> token states ``(B, L, dim)`` (embedding + learned position, LayerNorm) and a pooled
-    vector ``(B, dim)`` (their mean)."""
+    """Word ids ``(B, L)`` -> token states ``(B, L, dim)`` and a pooled vector ``(B, dim)`` (their mean): embedding
+    plus learned position, one pre-norm transformer layer (4 heads, MLP ``2 dim``; no padding mask, so the all-padding
+    null prompt is an ordinary input), LayerNorm. The layer lets each word see the others, so that a shape word
+    carries its colour (``"red circle and blue square"``) before the denoiser reads it."""
 
     def __init__(self, vocab_size: int = len(VOCAB), dim: int = TEXT_DIM, max_tokens: int = MAX_TOKENS) -> None:
         super().__init__()
         self.token = nn.Embedding(vocab_size, dim)
         self.position = nn.Parameter(torch.zeros(max_tokens, dim))
+        self.mix = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.norm(self.token(ids) + self.position[: ids.shape[1]])
+        h = self.norm(self.mix(self.token(ids) + self.position[: ids.shape[1]]))
         return h, h.mean(1)
 
 
