@@ -3,14 +3,14 @@
 For a model, the exhaustive sweep is ``tokenmerge pareto``'s full one (every method x preset x knob value of
 ``SWEEPS``, 1 warm-up + ``--rounds`` interleaved rounds) on the evaluation image set (``--images`` captions of the
 reference grammar, seeds 1000 + i). For each target speed-up, ``tm.tune`` then calibrates on *other* images
-(``--tune-images`` captions drawn with another seed, seeds 2000 + i; same steps) and its pick is judged on the
+(as many captions, drawn with another seed, seeds 2000 + i; same steps: the same workload) and its pick is judged on the
 evaluation set: its PSNR there against the best PSNR among the exhaustive sweep's settings at least that fast
 (target: within ``--margin`` dB), its speed-up re-timed there against the baseline (``check_speedup``), and the
 tuning's wall time against the exhaustive sweep's (target: at most ``--max-time-ratio`` of it).
 
     python benchmarks/tune.py --model reference-unet --out docs/results/tune_unet.json
     python benchmarks/tune.py --model reference-flux --out docs/results/tune_flux.json
-    python benchmarks/tune.py --model reference-unet --steps 6 --images 4 --tune-images 2 --out /tmp/t.json  # smaller
+    python benchmarks/tune.py --model reference-unet --steps 6 --images 4 --out /tmp/t.json  # smaller
 
 Prints a table and writes JSON (meta, the exhaustive sweep's rows, one row per target with the pick's trials).
 """
@@ -41,7 +41,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default="reference-unet", choices=["reference-unet", "reference-flux"])
     p.add_argument("--targets", type=float, nargs="+", default=[1.3, 1.6])
     p.add_argument("--images", type=int, default=8, help="evaluation images = the exhaustive sweep's (default 8)")
-    p.add_argument("--tune-images", type=int, default=4, help="calibration images of tm.tune (default 4)")
+    p.add_argument(
+        "--tune-images",
+        type=int,
+        help="calibration images of tm.tune (default: as many as --images: the reference pipelines generate them in "
+        "one batched call, and a smaller batch is a different workload with smaller speed-ups)",
+    )
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--rounds", type=int, default=3, help="timed rounds of the exhaustive sweep and the check")
     p.add_argument("--margin", type=float, default=0.5, help="target: PSNR within this many dB of the best")
@@ -65,6 +70,7 @@ def best_at(points: list[Point], speed: float) -> Point | None:
 
 def main() -> int:
     args = parse_args()
+    args.tune_images = args.tune_images or args.images
     device = torch.device("cpu")
     evaluation = open_runner(args.model, None, None, args.images, device, steps=args.steps)
     start = time.perf_counter()

@@ -231,7 +231,7 @@ def test_command_end_to_end(token_clock: list[Any], tmp_path: Path, capsys, monk
     argv += ["--device", "cpu", "--quiet", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "r.json")]
     assert main([*argv, "--speedup", "1.05"]) == 0
     out = capsys.readouterr().out
-    assert "pick: todo:factor=" in out and "front (psnr):" in out and "32x32, 1 steps, cpu" in out
+    assert "pick: todo:factor=" in out and "front (psnr):" in out and "64x64, 1 steps, cpu" in out
     assert json.loads((tmp_path / "r.json").read_text())["reached"]
     assert main([*argv, "--speedup", "40"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -4,7 +4,8 @@ The search reuses the pareto harness (:func:`tokenmerge.harness.pareto.run_sweep
 median, CUDA events on a GPU; fidelity of a setting's images to the unaccelerated ones) in four phases, each a
 sweep with its own baseline, so every speed-up is a ratio measured in one run:
 
-1. *prime*: the unaccelerated pipeline once untimed and once timed (warms the model, prices one call);
+1. *prime*: the unaccelerated pipeline once (warms the model and prices one call: an over-estimate, it pays the
+   one-off costs);
 2. *coarse*: every method x preset of :data:`tokenmerge.harness.sweep.SWEEPS` at its ``quick_values``, one timed
    call each (its images are the ones scored);
 3. *refine*: per curve (one method and preset, settings ordered from mild to aggressive by their fidelity), the two
@@ -102,8 +103,8 @@ class Search:
     and ``safe`` (fraction above the target) for the fallback candidate."""
 
     refine_rounds: int = 2
-    probes: int = 3
-    confirm: int = 3
+    probes: int = 2
+    confirm: int = 2
     rounds: int = 3
     slack: float = 0.05
     safe: float = 0.1
@@ -341,7 +342,7 @@ def search(
     sweep = dict(metrics=metrics, progress=False)
     bar = tqdm(total=3 + plan.refine_rounds, desc=f"tune {runner.name}", disable=not progress, unit="phase")
     bar.set_postfix_str("prime")
-    prime = run_sweep(runner, [], schedule=Schedule(rounds=1, warmup=1, seed=plan.seed), **sweep)
+    prime = run_sweep(runner, [], schedule=Schedule(rounds=1, warmup=0, seed=plan.seed), **sweep)
     clock = _Clock(prime.points[0].median_s, budget_s)
     bar.update()
     coarse_plan = build_settings(layout_of(runner.target), _coarse(selection), runner.method_defaults)
@@ -443,7 +444,9 @@ def pipeline_runner(
         from tokenmerge.reference import FLUX_BLOCKS
 
         if height or width:
-            raise HarnessError("the reference models generate 32x32 images only: drop height / width")
+            raise HarnessError(
+                f"the reference models generate {pipe.size}x{pipe.size} images only: drop height / width"
+            )
         n, default_steps = DEFAULT_IMAGES["reference"]
         chosen = list(prompts) if prompts is not None else reference_captions(n)
         images = ImageSet.cross(chosen, seeds, steps=steps or default_steps, guidance_scale=guidance_scale)
