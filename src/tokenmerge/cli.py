@@ -1,4 +1,5 @@
-"""The ``tokenmerge`` command line: ``demo``, ``bench``, ``eval``, ``pareto``, ``analyze`` and ``list``.
+"""The ``tokenmerge`` command line: ``demo``, ``bench``, ``eval``, ``pareto``, ``tune``, ``analyze`` and
+``list``.
 
     tokenmerge demo --out results/demo   # every method on the packaged reference models: grid, speed, fidelity
     tokenmerge bench --arch sd15 --method toma:ratio=0.5 --method tomesd:ratio=0.5 --out results/bench
@@ -7,6 +8,7 @@
     tokenmerge eval ... --lpips-backbone alexnet.pth [--lpips-linear lpips_v0.1_alex.pth]   # + LPIPS
     accelerate launch --num_processes 8 -m tokenmerge.cli eval ...   # data parallel over prompts and seeds
     tokenmerge pareto --model reference-unet --quick --out results/pareto   # speed-fidelity front of every method
+    tokenmerge tune --model path/to/pipeline --speedup 1.3 --cache tuned/   # the most faithful setting at 1.3x
     tokenmerge analyze --model path/to/pipeline --seeds 0 1 --steps 20 --tolerance 0.2 --out results/analysis
 
 Bad input prints one line, ``tokenmerge: error: ...``, on stderr and exits with status 2: arguments, method options,
@@ -31,7 +33,7 @@ import torch
 
 from tokenmerge.analysis import command as analyze_command
 from tokenmerge.errors import HarnessError, describe
-from tokenmerge.harness import pareto_command
+from tokenmerge.harness import pareto_command, tune_command
 from tokenmerge.harness.registry import (
     MethodSpec,
     architectures,
@@ -130,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze_command.add_parser(sub)
     demo_command.add_parser(sub)
     pareto_command.add_parser(sub)
+    tune_command.add_parser(sub)
     debug = "raise errors with their traceback instead of one line (also: environment TOKENMERGE_DEBUG=1)"
     parser.add_argument("--debug", action="store_true", help=debug)
     for command in sub.choices.values():  # also after the subcommand; SUPPRESS keeps a --debug given before it
@@ -352,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"bench": cmd_bench, "eval": cmd_eval, "list": cmd_list, "analyze": analyze_command.run}
         commands["demo"] = demo_command.run
         commands["pareto"] = pareto_command.run
+        commands["tune"] = tune_command.run
         return commands[args.command](args)
     except HarnessError as exc:
         if debug:
