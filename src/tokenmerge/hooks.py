@@ -54,12 +54,16 @@ class Planner(Protocol):
 
 @dataclass(eq=False)
 class PlanHook:
-    """Pre-hook of a block: record its input tokens, to plan from when a merged sub-module first runs."""
+    """Pre-hook of a block: record its input tokens, to plan from when a merged sub-module first runs (``eager``: plan
+    now, for a method that merges no sub-module by design, e.g. the analysis observer)."""
 
     run: BlockRun
+    eager: bool = False
 
     def __call__(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
         self.run.plan, self.run.pending = None, args[0] if args else kwargs["hidden_states"]
+        if self.eager:
+            self.run.take_plan()
 
 
 @dataclass(eq=False)
@@ -221,7 +225,8 @@ def install_block(run: BlockRun, planner: Planner, roles: frozenset[str], keys_v
     self-attentions' keys and values), then the site's keyword and output maps."""
     site = run.site
     run.planner = planner
-    handles = [site.block.register_forward_pre_hook(PlanHook(run), with_kwargs=True)]
+    eager = not roles and not keys_values
+    handles = [site.block.register_forward_pre_hook(PlanHook(run, eager), with_kwargs=True)]
     if keys_values:
         for attention in site.self_attention:
             handles += KVHooks(run).install(attention)
