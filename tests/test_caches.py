@@ -302,7 +302,16 @@ def test_pareto_cache_and_stack_settings(flux) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["fbc", "nope=1+toma=0.5", "fbc=0.1+nope=1", "fbc=x+toma=0.5", "fbc=0.1+toma=0.5+todo=2"]
+    "text",
+    [
+        "fbc",
+        "nope=1+toma=0.5",
+        "fbc=0.1+nope=1",
+        "fbc=x+toma=0.5",
+        "fbc=0.1+toma=0.5+todo=2",
+        "fbc@kv=0.1+toma=0.5",
+        "fbc=0.1+toma@nope=0.5",
+    ],
 )
 def test_parse_stack_errors(text: str) -> None:
     from tokenmerge.errors import HarnessError
@@ -315,7 +324,8 @@ def test_pareto_command_takes_caches_and_stacks(capsys: pytest.CaptureFixture[st
     from tokenmerge.cli import main
 
     argv = ["pareto", "--model", "reference-unet", "--methods", "none", "--caches", "deepcache,fbc"]
-    argv += ["--stack", "deepcache=3+toma=0.5", "--quick", "--dry-run", "--out", "unused"]
+    argv += ["--stack", "deepcache=3+toma=0.5", "--stack", "deepcache=2+toma@kv", "--quick", "--dry-run"]
+    argv += ["--out", "unused"]
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[:5] == [
@@ -325,4 +335,5 @@ def test_pareto_command_takes_caches_and_stacks(capsys: pytest.CaptureFixture[st
         "deepcache:interval=5",
         "deepcache:interval=3+toma:ratio=0.5",
     ]
+    assert lines[5:8] == [f"deepcache:interval=2+toma:ratio={r}@kv" for r in ("0.5", "0.75", "0.9375")]
     assert "skipped fbc:threshold=0.1: fbc runs on dit models, not on a unet" in lines

@@ -9,6 +9,7 @@ so speeds depend on what a setting merges, never on the machine.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -23,10 +24,11 @@ import tokenmerge as tm
 from tokenmerge.archs import build_unet, unet_inputs
 from tokenmerge.cli import main
 from tokenmerge.errors import HarnessError
-from tokenmerge.harness import timing, tune_cache
-from tokenmerge.harness.pareto import standard_metrics
+from tokenmerge.harness import timing, tune, tune_cache
+from tokenmerge.harness.pareto import Point, standard_metrics
 from tokenmerge.harness.runners import ImageSet
-from tokenmerge.harness.sweep import SWEEPS, Selection
+from tokenmerge.harness.sweep import SWEEPS, Selection, build_settings, layout_of
+from tokenmerge.harness.timing import Schedule
 from tokenmerge.harness.tune import Goal, Search, method_from_record, method_record, tune_runner
 
 from .test_install import _without
@@ -126,6 +128,54 @@ def test_min_fidelity_the_fastest_faithful_setting(runner: UNetRunner) -> None:
     assert result.speedup == max(t.speedup for t in faithful) > 1.0
     both = tune_runner(runner, Goal(result.speedup + 0.5, floor, PSNR), TWO, plan=LIGHT, progress=False)
     assert not both.reached and "no setting" in both.reason
+
+
+def test_next_candidates_confirmed_when_retiming_rejects_every_one(runner: UNetRunner, monkeypatch) -> None:
+    """The machine is busy during the first confirmation run (every call takes as long as the baseline's): it
+    rejects its candidates, a second run confirms the next ones; with ``attempts=1`` nothing is picked."""
+    busy = [False]
+    honest, sweep = timing.time_call, tune.run_sweep
+
+    def clock(run: Any, device: torch.device) -> float:
+        seconds = honest(run, device)
+        return 1.0 if busy[0] else seconds
+
+    def first_confirmation_busy(runner: Any, settings: Any, schedule: Schedule, **kwargs: Any) -> Any:
+        busy[0] = schedule.seed == 100
+        try:
+            return sweep(runner, settings, schedule=schedule, **kwargs)
+        finally:
+            busy[0] = False
+
+    monkeypatch.setattr(timing, "time_call", clock)
+    monkeypatch.setattr(tune, "run_sweep", first_confirmation_busy)
+    plan = Search(refine_rounds=0, confirm=2, rounds=2)
+    result = tune_runner(runner, Goal(1.3, None, PSNR), TWO, plan=plan, progress=False)
+    confirmed = [t for t in result.trials if t.phase == "confirm"]
+    first = {t.label for t in confirmed if t.speedup == 1.0}
+    second = {t.label for t in confirmed} - first
+    assert 2 <= len(first) <= 3 and second  # two candidates (and the safe fallback), then the next ones
+    assert result.reached and result.label in second and result.speedup >= 1.3
+    once = tune_runner(runner, Goal(1.3, None, PSNR), TWO, plan=dataclasses.replace(plan, attempts=1), progress=False)
+    assert not once.reached and len({t.label for t in once.trials if t.phase == "confirm"}) == len(first)
+
+
+def test_search_space_skips_ablations_and_repeated_curves() -> None:
+    coarse = tune._coarse(None)
+    assert "kvnolocal" not in coarse.presets["toma"] and "kv" in coarse.presets["toma"] and coarse.quick
+    layout = layout_of(build_unet("tiny-sd15"))
+    plan = build_settings(layout, Selection(["toma"], {"toma": ["kv"]}, quick=True))
+    assert sorted(s.value for s in plan.settings if s.preset == "kv") == [0.5, 0.75, 0.9375]
+    settings = build_settings(layout, Selection(["toma"], {"toma": ["default", "attn"]}, {"toma": [0.25, 0.5]}))
+    points = [
+        Point(s, [1.0], 1.0 + s.value, {"psnr": 40 - 10 * s.value}, 0.0, False, f"{s.value}")
+        for s in settings.settings[1:]
+    ]  # the attn curve repeats the default curve's images
+    assert list(tune._curves(points, Goal(1.3, None, PSNR))) == [("toma", "default")]
+    candidates = tune._candidates(points, Goal(1.3, None, PSNR), Search())
+    assert [p.label for p in candidates] == ["toma:ratio=0.25", "toma:ratio=0.5"]  # not their attn repeats
+    points[-1] = dataclasses.replace(points[-1], digest="other")
+    assert list(tune._curves(points, Goal(1.3, None, PSNR))) == [("toma", "default"), ("toma", "attn")]
 
 
 def test_budget_and_goal_errors(runner: UNetRunner) -> None:

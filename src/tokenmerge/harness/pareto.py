@@ -17,6 +17,7 @@ Targets (issue #12), in the units of the front's metric, for a method family ``F
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import statistics
@@ -124,6 +125,7 @@ class Point:
     scores: dict[str, float]
     timed_max_diff: float  # largest |timed image - warm-up image| over its timed calls
     merged_nothing: bool  # not the baseline, yet its images equal the baseline's exactly
+    digest: str = field(default="", compare=False)  # of the scored images: equal digests, the same computation
 
     @property
     def label(self) -> str:
@@ -211,7 +213,8 @@ def run_sweep(
         scores = {m.name: m.score(images[i], base_images, prompts) for m in metrics}
         speedup = base_median / statistics.median(times[i])
         merged_nothing = i > 0 and torch.equal(images[i], base_images)
-        points.append(Point(setting, times[i], speedup, scores, diffs[i], merged_nothing))
+        digest = hashlib.sha256(images[i].numpy().tobytes()).hexdigest()[:16]
+        points.append(Point(setting, times[i], speedup, scores, diffs[i], merged_nothing, digest))
     return SweepResult(points, list(dropped.values()), list(metrics), schedule)
 
 

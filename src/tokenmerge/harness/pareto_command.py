@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import math
 import platform
+import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,9 +61,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         "--stack",
         action="append",
         default=[],
-        metavar="CACHE[=V,..]+METHOD[=V,..]",
-        help="a step cache stacked with a method, every value pair (default: their quick values), e.g. "
-        "fbc=0.1+toma=0.5,0.75; repeatable",
+        metavar="CACHE[=V,..]+METHOD[@PRESET][=V,..]",
+        help="a step cache stacked with a method (at one of its --preset names; default: default), every value "
+        "pair (default: their quick values), e.g. fbc=0.1+toma=0.5,0.75 or deepcache=2+toma@kv=0.75; repeatable",
     )
     p.add_argument("--quick", action="store_true", help="a handful of settings per method, fewer images and rounds")
     p.add_argument(
@@ -370,7 +371,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"skipped {skip.label}: {skip.reason}")
         return 0
     all_metrics = standard_metrics(lpips, dino) + (scene_metrics() if kind == "reference" else [])
+    start = time.perf_counter()
     result = run_sweep(runner, plan.settings, all_metrics, schedule, progress=not args.quiet)
+    sweep_s = time.perf_counter() - start
     metric = result.metric(args.metric)
     families = list(dict.fromkeys(p.setting.family for p in result.points[1:]))
     reports = [check_targets(result.points, metric, f, args.margin, args.min_speedup, args.bucket) for f in families]
@@ -393,6 +396,7 @@ def run(args: argparse.Namespace) -> int:
         quick=args.quick,
         schedule=dataclasses.asdict(schedule),
         settings={s.label: repr(getattr(s, "method", None)) for s in plan.settings},
+        sweep_s=round(sweep_s, 1),
     )
     table = write_outputs(args.out, args.overwrite, result, metric, reports, plan.skipped, meta)
     columns = [*COLUMNS, metric.name]

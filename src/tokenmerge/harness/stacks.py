@@ -19,7 +19,7 @@ from typing import Any
 import tokenmerge as tm
 from tokenmerge.errors import HarnessError
 from tokenmerge.harness.registry import methods
-from tokenmerge.harness.sweep import SWEEPS, Layout, MethodSetting, Options, Skipped
+from tokenmerge.harness.sweep import PLACEMENTS, SWEEPS, Layout, MethodSetting, Options, Skipped
 from tokenmerge.patch import find_denoiser
 
 # TaylorSeer on whole transformer blocks (its default hooks attention modules, which cannot hold merged tokens)
@@ -184,23 +184,44 @@ def _number(text: str) -> int | float:
     return int(text) if text.lstrip("-").isdigit() else float(text)
 
 
-def parse_stack(text: str) -> tuple[str, list[float], str, list[float]]:
-    """``CACHE=V[,V]+METHOD=V[,V]`` (values optional: the quick values) -> names and values."""
+@dataclass(frozen=True)
+class StackSpec:
+    """A parsed ``--stack``: a cache and its values, a method at a preset and its values."""
+
+    cache: str
+    cache_values: list[float]
+    method: str
+    preset: str
+    method_values: list[float]
+
+
+def parse_stack(text: str) -> StackSpec:
+    """``CACHE[=V,..]+METHOD[@PRESET][=V,..]`` (values optional: the quick values; preset: ``default``)."""
     parts = text.split("+")
     if len(parts) != 2:
-        raise HarnessError(f"--stack {text!r}: expected CACHE[=V,...]+METHOD[=V,...], e.g. fbc=0.1+toma=0.5,0.75")
+        raise HarnessError(
+            f"--stack {text!r}: expected CACHE[=V,...]+METHOD[@PRESET][=V,...], e.g. fbc=0.1+toma=0.5,0.75"
+        )
     out: list[Any] = []
     for part, table in zip(parts, (CACHE_SWEEPS, SWEEPS), strict=True):
         name, _, rest = part.partition("=")
-        name = name.strip().lower()
+        name, _, preset = name.strip().lower().partition("@")
         if name not in table:
             raise HarnessError(f"--stack {text!r}: unknown {name!r}; choose from {', '.join(table)}")
+        if preset and table is CACHE_SWEEPS:
+            raise HarnessError(f"--stack {text!r}: a cache has no presets ({name}@{preset})")
+        if table is SWEEPS and preset and preset not in (names := [p.name for p in SWEEPS[name].presets]):
+            raise HarnessError(f"--stack {text!r}: {name} has no preset {preset!r}; presets: {', '.join(names)}")
+        preset = preset or "default"
+        quick = (
+            table[name].quick_values if table is CACHE_SWEEPS else SWEEPS[name].preset(preset).grid(SWEEPS[name], True)
+        )
         try:
-            values = [_number(v) for v in rest.split(",") if v.strip()] or list(table[name].quick_values)
+            values = [_number(v) for v in rest.split(",") if v.strip()] or list(quick)
         except ValueError:
             raise HarnessError(f"--stack {text!r}: values must be numbers") from None
-        out += [name, values]
-    return out[0], out[1], out[2], out[3]
+        out += [name, values, preset]
+    return StackSpec(out[0], out[1], out[3], out[5], out[4])
 
 
 def build_cache_settings(
@@ -230,16 +251,20 @@ def build_cache_settings(
                 settings.append(setting)
     registry = methods()
     for text in stacks:
-        cache, cache_values, method, method_values = parse_stack(text)
-        why = _supports(cache, layout, target)
-        knob = SWEEPS[method].knob
-        for cv in cache_values:
-            for mv in method_values:
+        spec = parse_stack(text)
+        why = _supports(spec.cache, layout, target)
+        knob, preset = SWEEPS[spec.method].knob, SWEEPS[spec.method].preset(spec.preset)
+        placed = PLACEMENTS[preset.placement](layout)
+        if placed is None:
+            raise HarnessError(f"--stack {text!r}: placement {preset.placement!r} does not exist on a {layout.family}")
+        for cv in spec.cache_values:
+            for mv in spec.method_values:
                 try:
-                    built = registry[method](**{**(method_defaults or {}), knob: mv})
+                    built = registry[spec.method](**{**(method_defaults or {}), **preset.options, **placed, knob: mv})
                 except (ValueError, TypeError) as exc:
-                    raise HarnessError(f"--stack {text!r}: {method} {knob}={mv!r}: {exc}") from None
-                stack = StackSetting(CacheSetting(cache, cv), MethodSetting(built, method, "default", knob, mv))
+                    raise HarnessError(f"--stack {text!r}: {spec.method} {knob}={mv!r}: {exc}") from None
+                merge = MethodSetting(built, spec.method, spec.preset, knob, mv)
+                stack = StackSetting(CacheSetting(spec.cache, cv), merge)
                 if why is not None:
                     skipped.append(Skipped(stack.label, why))
                 else:

@@ -131,15 +131,24 @@ PLACEMENTS: dict[str, Callable[[Layout], Options | None]] = {
 
 @dataclass(frozen=True)
 class Preset:
-    """Fixed ``options`` of a method and a named ``placement`` (a key of :data:`PLACEMENTS`); ``values``: knob
-    values swept for this preset instead of the method's (full and ``--quick`` sweeps), e.g. the larger ratios of a
-    keys/values mode."""
+    """Fixed ``options`` of a method and a named ``placement`` (a key of :data:`PLACEMENTS`); ``values`` /
+    ``quick_values``: knob values swept for this preset instead of the method's (full / ``--quick`` sweeps), e.g. the
+    larger ratios of a keys/values mode; ``explore=False``: an ablation kept to document a mechanism, left out of
+    ``tm.tune``'s search."""
 
     name: str
     options: Options = field(default_factory=dict)
     placement: str = "model"
     doc: str = ""
     values: tuple[Any, ...] | None = None
+    quick_values: tuple[Any, ...] | None = None
+    explore: bool = True
+
+    def grid(self, sweep: MethodSweep, quick: bool) -> tuple[Any, ...]:
+        """The knob values swept for this preset of ``sweep``."""
+        if quick:
+            return self.quick_values or self.values or sweep.quick_values
+        return self.values or sweep.values
 
 
 @dataclass(frozen=True)
@@ -160,7 +169,8 @@ class MethodSweep:
 ATTN_ONLY: Options = {"merge_crossattn": False, "merge_mlp": False}
 #: ToMA's keys/values mode as measured best on the 32x32 reference UNet (docs/benchmarks.md, "ToMA variants").
 KV: Options = {"mode": "kv", "locality": 0.05, "max_downsample": None}
-KV_RATIOS = (0.5, 0.625, 0.75, 0.875, 0.9375)
+KV_GRID: Options = {"values": (0.5, 0.625, 0.75, 0.875, 0.9375), "quick_values": (0.5, 0.75, 0.9375)}
+ABLATION: Options = {**KV_GRID, "explore": False}
 WHOLE_BLOCK: Options = {"merge_attn": True, "merge_crossattn": True, "merge_mlp": True}
 
 #: Registry name (``tokenmerge list``) -> its sweep.
@@ -173,9 +183,9 @@ SWEEPS: dict[str, MethodSweep] = {
             Preset("default", doc="tokens mode: whole blocks (self-attention, cross-attention queries, MLP), <= 4x"),
             Preset("attn", ATTN_ONLY, doc="self-attention only, same levels / blocks"),
             Preset("top", ATTN_ONLY, "top", doc="UNet: self-attention at the top level only (tomesd's placement)"),
-            Preset("kv", KV, doc="keys/values mode, locality 0.05, finest UNet level", values=KV_RATIOS),
-            Preset("kvnolocal", {**KV, "locality": 0.0}, doc="the kv preset without the prior", values=KV_RATIOS),
-            Preset("kvmerged", {**KV, "kv_tokens": "merged"}, doc="kv with averaged keys/values", values=KV_RATIOS),
+            Preset("kv", KV, doc="keys/values mode, locality 0.05, finest UNet level", **KV_GRID),
+            Preset("kvnolocal", {**KV, "locality": 0.0}, doc="the kv preset without the prior", **ABLATION),
+            Preset("kvmerged", {**KV, "kv_tokens": "merged"}, doc="kv with averaged keys/values", **ABLATION),
             Preset(
                 "authors",
                 {"merge_every": 3, "dest_every": 1, "weight_every": 1},
@@ -294,9 +304,8 @@ def build_settings(
         default_value = _knob_default(cls, sweep.knob)
         names = selection.presets.get(name) or (sweep.quick_presets if selection.quick else None)
         names = ["default", *(n for n in (names or [p.name for p in sweep.presets]) if n != "default")]
-        values = list(selection.values.get(name) or (sweep.quick_values if selection.quick else sweep.values))
         for preset in map(sweep.preset, names):
-            own = values if preset.values is None or name in selection.values else list(preset.values)
+            own = list(selection.values.get(name) or preset.grid(sweep, selection.quick))
             chosen = {*own, default_value} if preset.name == "default" else set(own)
             for value in sorted(chosen):
                 label = MethodSetting(None, name, preset.name, sweep.knob, value).label

@@ -6,14 +6,15 @@ sweep with its own baseline, so every speed-up is a ratio measured in one run:
 
 1. *prime*: the unaccelerated pipeline once (warms the model and prices one call: an over-estimate, it pays the
    one-off costs);
-2. *coarse*: every method x preset of :data:`tokenmerge.harness.sweep.SWEEPS` at its ``quick_values``, one timed
-   call each (its images are the ones scored);
+2. *coarse*: every method x explored preset of :data:`tokenmerge.harness.sweep.SWEEPS` (not the ablations) at its
+   quick values, one timed call each (its images are the ones scored);
 3. *refine*: per curve (one method and preset, settings ordered from mild to aggressive by their fidelity), the two
    neighbouring knob values between which the goal's constraint flips are bisected (a midpoint; beyond the coarse
    grid's mild or aggressive end, the next value of the full grid); curves that cannot beat the best feasible
    setting found so far are pruned, the ``probes`` most promising are measured per round, ``refine_rounds`` rounds;
 4. *confirm*: the ``confirm`` best candidates (within ``slack`` of the target), plus the best one with a safe
-   margin, timed again over ``rounds`` rounds; the pick is chosen from these measurements only.
+   margin, timed again over ``rounds`` rounds; the pick is chosen from these measurements only. When re-timing
+   rejects them all, the next candidates are confirmed (``attempts`` runs at most, budget permitting).
 
 The goal (:class:`Goal`): with ``speedup`` only, the highest fidelity among settings at least ``speedup`` fast; with
 ``min_fidelity``, the fastest setting whose fidelity is at least ``min_fidelity`` (and at least ``speedup`` fast
@@ -98,14 +99,16 @@ class Goal:
 
 @dataclass(frozen=True)
 class Search:
-    """How hard to look: refinement rounds and probes per round, candidates confirmed and their rounds, the
-    tolerance ``slack`` (fraction of the target) within which a setting counts as a candidate before confirmation,
-    and ``safe`` (fraction above the target) for the fallback candidate."""
+    """How hard to look: refinement rounds and probes per round, candidates confirmed and their rounds, how many
+    confirmation runs (each with the next candidates) before giving up, the tolerance ``slack`` (fraction of the
+    target) within which a setting counts as a candidate before confirmation, and ``safe`` (fraction above the
+    target) for the fallback candidate."""
 
     refine_rounds: int = 2
     probes: int = 2
     confirm: int = 2
     rounds: int = 3
+    attempts: int = 2
     slack: float = 0.05
     safe: float = 0.1
     seed: int = 0
@@ -206,15 +209,21 @@ def _trials(phase: str, result: SweepResult) -> list[Trial]:
 
 def _curves(points: Sequence[Point], goal: Goal) -> dict[tuple[str, str], list[Point]]:
     """Measured settings per (method, preset), one per knob value, from mild to aggressive: ordered by the knob,
-    its direction read off the (deterministic) fidelity at the knob's two ends (the mild end is the more faithful)."""
+    its direction read off the (deterministic) fidelity at the knob's two ends (the mild end is the more faithful).
+    A curve whose images repeat an earlier curve's at every value (a preset whose options change nothing on this
+    model) is left out: refining it would measure the same computation twice."""
     curves: dict[tuple[str, str], dict[Any, Point]] = {}
     for p in points:
         s = p.setting
         if s.family != "baseline" and s.value is not None and not math.isnan(goal.fidelity(p)):
             curves.setdefault((s.family, s.preset), {}).setdefault(s.value, p)  # the first measurement of a value
-    out = {}
+    out, seen = {}, set()
     for name, by_value in curves.items():
         pts = [by_value[v] for v in sorted(by_value)]
+        images = (name[0], *((p.setting.value, p.digest) for p in pts))
+        if all(p.digest for p in pts) and images in seen:
+            continue
+        seen.add(images)
         if goal.fidelity(pts[0]) < goal.fidelity(pts[-1]):  # a larger value is milder (e.g. a similarity threshold)
             pts.reverse()
         out[name] = pts
@@ -230,9 +239,11 @@ def _between(a: Any, b: Any) -> Any | None:
     return mid if min(a, b) < mid < max(a, b) else None
 
 
-def _beyond(value: Any, toward: Any, family: str, tried: set[Any]) -> Any | None:
-    """The full grid's next value after ``value`` away from ``toward`` (one step past a curve's end), untried."""
-    grid = sorted(SWEEPS[family].values)
+def _beyond(value: Any, toward: Any, family: str, preset: str, tried: set[Any]) -> Any | None:
+    """The preset's full grid's next value after ``value`` away from ``toward`` (one step past a curve's end),
+    untried."""
+    sweep = SWEEPS[family]
+    grid = sorted(sweep.preset(preset).grid(sweep, quick=False))
     ahead = [v for v in grid if (v < value if toward > value else v > value) and v not in tried]
     if not ahead:
         return None
@@ -246,13 +257,15 @@ def _probe(pts: list[Point], goal: Goal) -> tuple[float, Any] | None:
     fast-enough setting. Speed objective: the most aggressive setting that is faithful enough sits between the last
     faithful and the first unfaithful one."""
     tried = {p.setting.value for p in pts}
-    family = pts[0].setting.family
+    family, preset = pts[0].setting.family, pts[0].setting.preset
     if not goal.fastest:
         i = next((k for k, p in enumerate(pts) if goal.fast(p)), None)
         if i is None:
             return None
         if i == 0:
-            value = _beyond(pts[0].setting.value, pts[-1].setting.value, family, tried) if len(pts) > 1 else None
+            value = (
+                _beyond(pts[0].setting.value, pts[-1].setting.value, family, preset, tried) if len(pts) > 1 else None
+            )
             return (math.inf, value) if value is not None else None
         value = _between(pts[i - 1].setting.value, pts[i].setting.value)
         return (goal.fidelity(pts[i - 1]), value) if value is not None else None
@@ -260,7 +273,7 @@ def _probe(pts: list[Point], goal: Goal) -> tuple[float, Any] | None:
     if j is None:
         return None
     if j == len(pts) - 1:
-        value = _beyond(pts[-1].setting.value, pts[0].setting.value, family, tried) if len(pts) > 1 else None
+        value = _beyond(pts[-1].setting.value, pts[0].setting.value, family, preset, tried) if len(pts) > 1 else None
         return (math.inf, value) if value is not None else None
     value = _between(pts[j].setting.value, pts[j + 1].setting.value)
     return (pts[j + 1].speedup, value) if value is not None else None
@@ -370,22 +383,27 @@ def search(
             points += result.points[1:]
             trials += _trials("refine", result)
         bar.update()
-    candidates = _candidates(points, goal, plan)
-    while len(candidates) > 1 and not clock.fits(plan.rounds * (len(candidates) + 1)):
-        candidates.pop(-2)  # keep the safe fallback, drop the weakest of the others
-    rounds = plan.rounds
-    while rounds > 1 and not clock.fits(rounds * (len(candidates) + 1)):
-        rounds -= 1
-    pick, everything, confirmed_points = None, points, []
-    if candidates:
+    pick, confirmed_points, confirmed = None, [], set()
+    for attempt in range(plan.attempts):  # the next candidates when re-timing rejects every one
+        candidates = _candidates([p for p in points if _same(p) not in confirmed], goal, plan)
+        while len(candidates) > 1 and not clock.fits(plan.rounds * (len(candidates) + 1)):
+            candidates.pop(-2)  # keep the safe fallback, drop the weakest of the others
+        rounds = plan.rounds
+        while rounds > 1 and not clock.fits(rounds * (len(candidates) + 1)):
+            rounds -= 1
+        if not candidates or (attempt > 0 and not clock.fits(rounds * (len(candidates) + 1))):
+            break
         bar.set_postfix_str(f"confirm: {len(candidates)} settings")
-        schedule = Schedule(rounds=rounds, warmup=0, seed=plan.seed + 100)
+        schedule = Schedule(rounds=rounds, warmup=0, seed=plan.seed + 100 + attempt)
         result = run_sweep(runner, [p.setting for p in candidates], schedule=schedule, **sweep)
+        clock.add(rounds * (len(candidates) + 1))
         trials += _trials("confirm", result)
-        confirmed_points = result.points[1:]
+        confirmed_points += result.points[1:]
+        confirmed |= {_same(p) for p in candidates}
         pick = _best(confirmed_points, goal)
-        confirmed = {p.label for p in candidates}
-        everything = [*result.points[1:], *(p for p in points if p.label not in confirmed)]
+        if pick is not None:
+            break
+    everything = [*confirmed_points, *(p for p in points if _same(p) not in confirmed)]
     bar.update()
     bar.close()
     fastest = max(everything, key=lambda p: p.speedup, default=None)
@@ -394,19 +412,29 @@ def search(
 
 
 def _coarse(selection: Selection | None) -> Selection:
-    """Every preset of the chosen methods at their quick values."""
+    """Every explored preset (not the ablations) of the chosen methods at its quick values."""
     chosen = selection.chosen() if selection is not None else list(SWEEPS)
-    presets = {m: [p.name for p in SWEEPS[m].presets] for m in chosen}
-    values = {m: list(SWEEPS[m].quick_values) for m in chosen}
+    presets = {m: [p.name for p in SWEEPS[m].presets if p.explore] for m in chosen}
+    values: dict[str, Any] = {}
     if selection is not None:
         presets.update(selection.presets)
         values.update(selection.values)
-    return Selection(chosen, presets, values)
+    return Selection(chosen, presets, values, quick=True)
+
+
+def _same(point: Point) -> str:
+    """What identifies a setting's computation: its images' digest (its label when not known)."""
+    return point.digest or point.label
 
 
 def _candidates(points: Sequence[Point], goal: Goal, plan: Search) -> list[Point]:
     """The ``plan.confirm`` best settings meeting the goal within the slack, then the best one meeting it with the
-    safe margin (when not among them): confirmation re-times them all."""
+    safe margin (when not among them): confirmation re-times them all. Of settings with the same images (the same
+    computation), only the first measured is a candidate."""
+    first: dict[str, Point] = {}
+    for p in points:
+        first.setdefault(_same(p), p)
+    points = [p for p in points if first[_same(p)] is p]
     near = sorted((p for p in points if goal.meets(p, plan.slack)), key=goal.objective, reverse=True)
     out = near[: plan.confirm]
     if goal.speedup is not None:
