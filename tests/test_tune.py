@@ -265,6 +265,15 @@ def test_api_on_a_pipeline_applies_the_pick(token_clock: list[Any], tmp_path: Pa
     tm.remove(pipe)
 
 
+def test_api_on_the_reference_flux_pipeline(token_clock: list[Any]) -> None:
+    from tokenmerge.reference.pipeline import load_pipeline
+
+    pipe = load_pipeline("flux")
+    token_clock.append(pipe)
+    result = tm.tune(pipe, 1.05, prompts=["red circle on blue checks"], steps=1, methods=["todo"], progress=False)
+    assert result.reached and isinstance(result.method, tm.ToDo) and not tm.is_applied(pipe)
+
+
 def test_command_end_to_end(token_clock: list[Any], tmp_path: Path, capsys, monkeypatch) -> None:
     from tokenmerge.harness import runners
 

@@ -469,8 +469,6 @@ def pipeline_runner(
     from tokenmerge.reference.pipeline import ReferencePipeline
 
     if isinstance(pipe, ReferencePipeline):
-        from tokenmerge.reference import FLUX_BLOCKS
-
         if height or width:
             raise HarnessError(
                 f"the reference models generate {pipe.size}x{pipe.size} images only: drop height / width"
@@ -478,8 +476,7 @@ def pipeline_runner(
         n, default_steps = DEFAULT_IMAGES["reference"]
         chosen = list(prompts) if prompts is not None else reference_captions(n)
         images = ImageSet.cross(chosen, seeds, steps=steps or default_steps, guidance_scale=guidance_scale)
-        defaults = dict(blocks=FLUX_BLOCKS) if pipe.name == "flux" else {}
-        return ReferenceRunner(f"reference-{pipe.name}", pipe, images, defaults)
+        return ReferenceRunner(f"reference-{pipe.name}", pipe, images)
     from tokenmerge.harness.prompts import load_prompts
 
     n, default_steps = DEFAULT_IMAGES["pipeline"]
