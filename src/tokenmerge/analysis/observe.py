@@ -102,7 +102,7 @@ class Observe(Method):
     pair_threshold: float = 0.7
     ratio: float = 0.5
     tile: tuple[int, int] = (4, 4)
-    tau: float = 1000.0
+    tau: float = 100.0  # ToMA's default
     sx: int = 2
     sy: int = 2
     use_rand: bool = False
