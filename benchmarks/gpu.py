@@ -23,31 +23,34 @@ limit -- made an error here instead of a silent fall back to eager --, a recompi
 is recorded with its error and the run goes on. Peak memory: growth of ``torch.cuda.max_memory_allocated`` in one
 untimed call (on the CPU: sampled RSS growth), ``tokenmerge.harness.bench.peak_memory``.
 
-Merge overhead (ToMA and ToMeSD): R more calls of the patched model in which every call of the method's ``plan`` and of
-the returned plans' ``merge`` and ``unmerge`` is timed where it runs (instance attributes on the method and the plans
-wrap them, removed afterwards): CUDA event pairs around each, read after the forward, so nothing synchronises inside it;
-``perf_counter`` on the CPU. This counts what a real call does: selection and merge weights where the first block of a
-reuse group plans, cache hits where later blocks reuse its plan (ToMA), one merge and one unmerge per merged sub-module
-(UNet: self-attention, cross-attention queries, MLP; Flux: the attention of double-stream blocks, the attention + MLP
-span of single-stream blocks). ``overhead_share`` is the median over the R calls of (plan + merge + unmerge) / that
-call's time; per phase, the median seconds are reported too. Not counted: the hooks' Python bookkeeping, the text-prefix
+Merge overhead (ToMA tokens and keys/values modes, ToMeSD): R more calls of the patched model in which every call of the
+method's ``plan`` and of the returned plans' ``merge`` and ``unmerge`` (keys/values plans: ``kv``, the gather of the
+kept keys' tokens) is timed where it runs (instance attributes on the method and the plans wrap them, removed
+afterwards): CUDA event pairs around each, read after the forward, so nothing synchronises inside it; ``perf_counter``
+on the CPU. This counts what a real call does: selection and merge weights where the first block of a reuse group plans,
+cache hits where later blocks reuse its plan (ToMA), one merge and one unmerge per merged sub-module (UNet:
+self-attention, cross-attention queries, MLP; Flux: the attention of double-stream blocks, the attention + MLP span of
+single-stream blocks). ``overhead_share`` is the median over the R calls of (plan + merge + unmerge or kv) / that call's
+time; per phase, the median seconds are reported too. Not counted: the hooks' Python bookkeeping, the text-prefix
 concatenation around Flux spans and the per-sample rotary tables (they replace the model's own rotation). An event pair
 measures the stream time between its two points: where the GPU waits for the CPU (launch-bound), that includes launching
 the wrapped work, which is then real cost too.
 
-Speedups are against the unpatched configuration of the same mode (eager SDPA, eager flash, compiled). Targets
-(issue #7, ratio 0.5, 1024px): ToMA >= 1.4x on both models, overhead <= 5% of the denoiser time, compiled ToMA's
-speedup over compiled unpatched >= the eager one; they are checked per model and batch under ``targets`` in the JSON.
+Speedups are against the unpatched configuration of the same mode (eager SDPA, eager flash, compiled). ``toma-0.5`` is
+issue #7's configuration (tokens mode; on Flux also the default); on SDXL ``toma-kv-0.5`` is ToMA's default there
+(keys/values mode at the finest level). Targets (issue #7, ratio 0.5, 1024px): ``toma-0.5`` >= 1.4x on both models,
+overhead <= 5% of the denoiser time, compiled ToMA's speedup over compiled unpatched >= the eager one; they are checked
+per model and batch under ``targets`` in the JSON.
 
-Budget (one H100, 5 rounds R): per model and batch, 4 eager configurations x (warm-up, FLOP count, memory, R
-rounds) + R instrumented calls each for ToMA and ToMeSD + 2 flash x (2 + R) + 2 compiled x (4 + R) = 74 denoiser
-calls (60 without flash), many of them cheaper than an unpatched one. Unpatched at 1024px (FLOPs measured with
-``torch.utils.flop_counter`` in this project's notes): SDXL 6.76 TFLOP at batch 1, Flux-dev 74. Flux at batches 1 and 2:
-at most 74 x 222 = 16,400 TFLOP, 27-41 s at 400-600 TFLOP/s effective; SDXL: at most 60 x 20.3 = 1,200 TFLOP, a few
-seconds at that rate. The rest of the 8 minutes goes to the model builds and the 8 compile warm-ups, which this
-estimate cannot bound: ``compile_s`` per configuration and ``wall_s`` in the JSON say what they took; trim with
-``--batches 1`` or ``--no-compile``. The JSON is rewritten after every model and batch (``complete`` false until the
-end), so an interrupted run keeps what it finished.
+Budget (one H100, 5 rounds R): per model and batch, 4 eager configurations (SDXL: 5) x (warm-up, FLOP count, memory, R
+rounds) + R instrumented calls each for ToMA and ToMeSD (SDXL: and ToMA kv) + 2 flash x (2 + R) + 2 compiled x (4 + R) =
+74 denoiser calls (60 without flash; SDXL 86 / 72), many of them cheaper than an unpatched one. Unpatched at 1024px
+(FLOPs measured with ``torch.utils.flop_counter`` in this project's notes): SDXL 6.76 TFLOP at batch 1, Flux-dev 74.
+Flux at batches 1 and 2: at most 74 x 222 = 16,400 TFLOP, 27-41 s at 400-600 TFLOP/s effective; SDXL: at most 72 x 20.3
+= 1,500 TFLOP, a few seconds at that rate. The rest of the 8 minutes goes to the model builds and the 8 compile
+warm-ups, which this estimate cannot bound: ``compile_s`` per configuration and ``wall_s`` in the JSON say what they
+took; trim with ``--batches 1`` or ``--no-compile``. The JSON is rewritten after every model and batch (``complete``
+false until the end), so an interrupted run keeps what it finished.
 
     python benchmarks/gpu.py --out results/gpu.json
     python benchmarks/gpu.py --tiny --no-compile --rounds 1 --out /tmp/gpu.json   # CPU smoke test
@@ -78,13 +81,16 @@ from tokenmerge.flops import count_flops
 from tokenmerge.harness.bench import denoiser_target, peak_memory, time_call
 from tokenmerge.harness.models import denoiser_inputs, resolve_device
 from tokenmerge.harness.registry import HarnessError
+from tokenmerge.plans import KVPlan, MergePlan
 
 SPEEDUP_TARGET = 1.4
 OVERHEAD_TARGET = 0.05
 #: Every block of both kinds (tiny-flux has two of each, all inside the default's first five).
 FLUX_ALL = {"double": (0, None), "single": (0, None)}
-#: Configurations whose merge overhead is measured (methods with merge/unmerge plans).
-OVERHEAD = frozenset({"toma-0.5", "tomesd-0.5"})
+#: Configurations whose merge overhead is measured.
+OVERHEAD = frozenset({"toma-0.5", "toma-kv-0.5", "tomesd-0.5"})
+#: What a plan does per merged sub-module: merge and unmerge tokens, or (keys/values plans) gather the kept keys.
+PLAN_WORK = {MergePlan: ("merge", "unmerge"), KVPlan: ("kv",)}
 COLUMNS = ("median_s", "speedup", "flop_ratio", "realised", "peak_mem_mib", "overhead_share", "compile_s")
 
 
@@ -128,7 +134,8 @@ def methods(model: str, tiny: bool) -> dict[str, tm.Method | None]:
     if model == "sdxl":
         return {
             "baseline": None,
-            "toma-0.5": tm.ToMA(ratio=0.5),
+            "toma-0.5": tm.ToMA(ratio=0.5, mode="tokens"),  # issue #7's configuration: whole blocks, levels <= 4x
+            "toma-kv-0.5": tm.ToMA(ratio=0.5),  # the default on UNets (mode "auto"): keys/values, finest level
             "tomesd-0.5": tm.ToMeSD(ratio=0.5, max_downsample=2),
             "todo-2": tm.ToDo(factor=2, max_downsample=2),
         }
@@ -262,14 +269,16 @@ class Stopwatch:
 
 @contextlib.contextmanager
 def timed_merge_work(method: tm.Method, device: torch.device) -> Iterator[dict[str, Stopwatch]]:
-    """While open, every ``method.plan`` call and every ``merge`` / ``unmerge`` call of the plans it returns is timed
+    """While open, every ``method.plan`` call and every ``merge`` / ``unmerge`` (keys/values plans: ``kv``) call of the
+    plans it returns is timed
     (instance attributes shadow the class' methods; the method's are removed on exit)."""
-    watches = {kind: Stopwatch(device) for kind in ("plan", "merge", "unmerge")}
+    work = PLAN_WORK[method.plan_type]
+    watches = {kind: Stopwatch(device) for kind in ("plan", *work)}
     planned = watches["plan"].wrap(method.plan)
 
     def plan(*args: Any, **kwargs: Any) -> Any:
         result = planned(*args, **kwargs)
-        for kind in ("merge", "unmerge"):
+        for kind in work:
             fn = getattr(result, kind, None)
             if fn is not None and getattr(fn, "__wrapped_by__", None) is not watches[kind]:
                 object.__setattr__(result, kind, watches[kind].wrap(fn))
@@ -284,10 +293,11 @@ def timed_merge_work(method: tm.Method, device: torch.device) -> Iterator[dict[s
 
 def merge_overhead(model: nn.Module, run: Callable[[], Any], device: torch.device, rounds: int) -> dict[str, Any]:
     """The patched ``model``'s own merge work in ``rounds`` timed calls of ``run``: seconds of its method's ``plan``
-    calls and of its plans' ``merge`` and ``unmerge`` calls, each timed where it runs, and of the whole call (medians);
-    ``share``, the median over calls of (plan + merge + unmerge) / that call's time; the number of each in a call."""
+    calls and of its plans' ``merge`` and ``unmerge`` (or ``kv``) calls, each timed where it runs, and of the whole call
+    (medians); ``share``, the median over calls of (plan + merge + unmerge or kv) / that call's time; the number of
+    each in a call."""
     method = vars(model)["_tokenmerge"].method
-    seconds: dict[str, list[float]] = {"plan": [], "merge": [], "unmerge": [], "call": []}
+    seconds: dict[str, list[float]] = {"plan": [], **{kind: [] for kind in PLAN_WORK[method.plan_type]}, "call": []}
     shares = []
     for _ in range(rounds):
         with timed_merge_work(method, device) as watches:

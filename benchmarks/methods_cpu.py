@@ -50,8 +50,10 @@ def configurations(peers: bool) -> dict[str, Patch]:
     none: Patch = (lambda u: None, lambda u: None, False)
     configs: dict[str, Patch] = {
         "baseline": none,
-        "toma-0.5": ours(tm.ToMA(ratio=0.5)),
-        "toma-0.5-attn-only-ds1": ours(tm.ToMA(ratio=0.5, merge_crossattn=False, merge_mlp=False, max_downsample=1)),
+        "toma-0.5": ours(tm.ToMA(mode="tokens", ratio=0.5)),
+        "toma-0.5-attn-only-ds1": ours(
+            tm.ToMA(mode="tokens", ratio=0.5, merge_crossattn=False, merge_mlp=False, max_downsample=1)
+        ),
         "tomesd-0.5": ours(tm.ToMeSD(ratio=0.5, seed=0)),
         "tomesd-0.5-ds4-all": ours(
             tm.ToMeSD(ratio=0.5, max_downsample=4, merge_crossattn=True, merge_mlp=True, seed=0)

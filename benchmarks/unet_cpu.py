@@ -1,6 +1,7 @@
 """CPU benchmark: real-size SD 1.5 UNet (random weights, fp32, 512px = 64x64 latent, batch 2 as under CFG).
 
-Unpatched vs ToMA at several ratios and placements vs the ``tomesd`` package, interleaved in one process (each round
+Unpatched vs ToMA's tokens mode at several ratios and placements (and its default on UNets, keys/values mode at the
+top level) vs the ``tomesd`` package, interleaved in one process (each round
 runs every configuration once, in turn), median over rounds. Prints speed ratio, FLOP ratio, the share of the
 FLOP-ideal saving realised ((1 - t/t0) / (1 - F/F0)) and the output deviation from the unpatched UNet; writes JSON.
 
@@ -25,11 +26,14 @@ from tokenmerge.flops import count_flops
 def configurations(include_tomesd: bool) -> dict[str, tuple[Callable, Callable]]:
     """name -> (patch, unpatch) functions of the UNet."""
     toma = {
-        "toma-0.25": tm.ToMA(ratio=0.25),
-        "toma-0.5": tm.ToMA(ratio=0.5),
-        "toma-0.75": tm.ToMA(ratio=0.75),
-        "toma-0.5-attn-only": tm.ToMA(ratio=0.5, merge_crossattn=False, merge_mlp=False),
-        "toma-0.5-attn-only-ds1": tm.ToMA(ratio=0.5, merge_crossattn=False, merge_mlp=False, max_downsample=1),
+        "toma-0.5-default": tm.ToMA(ratio=0.5),  # mode "auto": keys/values at the top level on a UNet
+        "toma-0.25": tm.ToMA(mode="tokens", ratio=0.25),
+        "toma-0.5": tm.ToMA(mode="tokens", ratio=0.5),
+        "toma-0.75": tm.ToMA(mode="tokens", ratio=0.75),
+        "toma-0.5-attn-only": tm.ToMA(mode="tokens", ratio=0.5, merge_crossattn=False, merge_mlp=False),
+        "toma-0.5-attn-only-ds1": tm.ToMA(
+            mode="tokens", ratio=0.5, merge_crossattn=False, merge_mlp=False, max_downsample=1
+        ),
     }
     configs: dict[str, tuple[Callable, Callable]] = {"baseline": (lambda u: None, lambda u: None)}
     for name, method in toma.items():

@@ -343,7 +343,7 @@ def _flux_inputs(model) -> dict:
 
 def test_summary_reports_blocks_tokens_and_steps(xl) -> None:
     assert not tm.is_applied(xl) and not tm.summary(xl).applied and "not patched" in str(tm.summary(xl))
-    tm.apply(xl, tm.ToMA(ratio=0.75, steps=[1, 3]))
+    tm.apply(xl, tm.ToMA(ratio=0.75, mode="tokens", steps=[1, 3]))
     assert tm.is_applied(xl)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="tokenmerge")  # steps 0 and 2 unmerged, but the generation merged

@@ -47,7 +47,8 @@ def test_gpu_benchmark_tiny(tmp_path: Path) -> None:
     assert any("flash-attn configurations skipped" in note for note in meta["notes"])
     rows = {(r["model"], r["batch"], r["config"]): r for r in result["results"]}
     configs = ("baseline", "toma-0.5", "tomesd-0.5", "todo-2")
-    assert rows.keys() == {(m, b, c) for m in ("sdxl", "flux") for b in (1, 2) for c in configs}
+    sdxl_only = {("sdxl", b, "toma-kv-0.5") for b in (1, 2)}  # ToMA's default on UNets; on Flux toma-0.5 is
+    assert rows.keys() == {(m, b, c) for m in ("sdxl", "flux") for b in (1, 2) for c in configs} | sdxl_only
     for (*_, config), row in rows.items():
         assert "error" not in row, row
         assert math.isfinite(row["median_s"]) and row["median_s"] > 0 and row["mode"] == "eager"
@@ -58,6 +59,10 @@ def test_gpu_benchmark_tiny(tmp_path: Path) -> None:
             assert 0 < row["overhead_share"] < 1
             assert overhead["plan_calls"] > 0 and overhead["merge_calls"] == overhead["unmerge_calls"] > 0
             assert overhead["plan_s"] > 0 and overhead["merge_s"] > 0 and overhead["unmerge_s"] > 0
+        elif config == "toma-kv-0.5":
+            overhead = row["overhead"]
+            assert 0 < row["overhead_share"] < 1 and "merge_s" not in overhead
+            assert overhead["plan_calls"] > 0 and overhead["kv_calls"] > 0 and overhead["kv_s"] > 0
         else:
             assert "overhead" not in row
     # ToMA merges 3 sub-modules per UNet block and 1 per Flux block (attention; single-stream: a span)

@@ -33,10 +33,10 @@ def test_bench_tiny_sd15_writes_json_csv_md(tmp_path: Path, capsys: pytest.Captu
     assert data["meta"]["target"] == "tiny-sd15" and data["meta"]["kind"] == "denoiser"
     base, toma = data["results"][0], data["results"][1]
     assert base["speedup"] == 1.0 and base["flop_ratio"] == 1.0 and base["rel_l2_deviation"] == 0.0
-    assert toma["flop_ratio"] > 1.1 and len(toma["times_ms"]) == 1 and toma["mem_kind"] == "cpu_rss_growth"
+    assert toma["flop_ratio"] > 1.0 and len(toma["times_ms"]) == 1 and toma["mem_kind"] == "cpu_rss_growth"
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [r["config"] for r in rows] == configs and float(rows[1]["flop_ratio"]) > 1.1
+    assert [r["config"] for r in rows] == configs and float(rows[1]["flop_ratio"]) > 1.0
     md = (out / "results.md").read_text().splitlines()
     assert md[2].startswith("| config | median_ms |") and len(md) == 4 + len(configs)
     assert "wrote" in capsys.readouterr().out

@@ -360,6 +360,40 @@ def test_toma_kv_mode_keeps_every_query_and_merges_keys(attention_lengths, kv_to
     assert (out - base).abs().max() > 1e-4
 
 
+def test_toma_default_mode_is_made_concrete_per_family(caplog: pytest.LogCaptureFixture) -> None:
+    """``mode="auto"``: keys/values at the finest level on a UNet, whole-block tokens mode on a DiT; ``tm.summary``
+    and the log say which; options that do not apply to the chosen mode are a clear error at ``apply``."""
+    from tokenmerge.archs import build_dit
+
+    assert (tm.ToMA().mode, tm.ToMA().max_downsample) == ("auto", "auto")
+    assert tm.ToMA(mode="kv").max_downsample is None and tm.ToMA(mode="tokens").max_downsample == 4
+    assert tm.ToMA(mode="tokens", max_downsample=2).max_downsample == 2
+    unet, flux = build_unet("tiny-sd15"), build_dit("tiny-flux")
+    with caplog.at_level("INFO", logger="tokenmerge"):
+        tm.apply(unet, tm.ToMA())
+    assert "ToMA() on UNet2DConditionModel is ToMA(mode='kv', max_downsample=None)" in caplog.text
+    summary = tm.summary(unet)
+    assert "mode='kv'" in summary.method and {b.roles for b in summary.blocks} == {("attn:keys/values",)}
+    assert {b.downsample for b in summary.blocks} == {1}
+    tm.apply(flux, tm.ToMA(blocks={"double": (0, None), "single": (0, None)}))
+    assert "mode='tokens'" in tm.summary(flux).method and tm.summary(flux).blocks[0].roles == ("attn",)
+    tm.remove(flux)
+
+    with pytest.raises(ValueError, match=r"ToMA\(merge_mlp=False\) on a UNet: mode='auto' is 'kv' there.*must stay"):
+        tm.apply(unet, tm.ToMA(merge_mlp=False))
+    assert "mode='kv'" in tm.summary(unet).method  # the previous patch stays
+    tm.remove(unet)
+    with pytest.raises(ValueError, match=r"on a diffusion transformer: mode='auto' is 'tokens' there.*kv_tokens"):
+        tm.apply(flux, tm.ToMA(kv_tokens="merged"))
+    assert not tm.is_applied(flux)
+    tm.apply(flux, tm.ToMA(merge_mlp=False))  # tokens mode on a DiT: the flag applies
+    tm.remove(flux)
+    for bad in (dict(mode="kv", merge_mlp=False), dict(mode="tokens", kv_tokens="merged"), dict(mode="fast")):
+        with pytest.raises(ValueError, match="mode"):
+            tm.ToMA(**bad)
+    assert tm.ToDo(max_downsample="auto").resolve("unet") == tm.ToDo()  # methods without a per-family choice
+
+
 def test_toma_kv_mode_on_flux_uses_per_sample_key_positions() -> None:
     """Flux, ``mode="kv"``: keys take their destinations' rotary positions, per sample, so that a sample alone and in
     a batch of two agree."""

@@ -37,27 +37,34 @@ def test_settings_default_always_in_and_marked() -> None:
     assert labels(plan.settings)[0] == "baseline"
     defaults = [s.label for s in plan.settings if s.default]
     assert defaults == ["toma:ratio=0.5", "todo:factor=2"]  # the default value is added to the given ones
-    assert "toma:ratio=0.25@attn" in labels(plan.settings) and "toma:ratio=0.5@attn" not in labels(plan.settings)
-    toma = next(s for s in plan.settings if s.label == "toma:ratio=0.25@attn")
-    assert toma.method == tm.ToMA(ratio=0.25, merge_crossattn=False, merge_mlp=False)
+    assert "toma:ratio=0.25@tokens" in labels(plan.settings) and "toma:ratio=0.5@tokens" not in labels(plan.settings)
+    tokens = next(s for s in plan.settings if s.label == "toma:ratio=0.25@tokens")
+    assert tokens.method == tm.ToMA(ratio=0.25, mode="tokens", max_downsample=4)
+    default = next(s for s in plan.settings if s.default and s.family == "toma")
+    assert default.method == tm.ToMA(mode="kv", max_downsample=None)  # made concrete for the UNet
     assert labels(plan.settings)[-2:] == ["todo:factor=2", "todo:factor=4"]  # quick: the default preset only
 
 
 def test_placements_resolve_per_family_or_skip_with_reason() -> None:
-    unet = build_settings(UNET, Selection(["toma"], presets={"toma": ["every", "late", "top"]}, values={"toma": [0.5]}))
+    presets = {"toma": ["tokens", "every", "late", "top", "kvnolocal"]}
+    unet = build_settings(UNET, Selection(["toma"], presets=presets, values={"toma": [0.5]}))
     reasons = {s.label: s.reason for s in unet.skipped}
-    assert reasons["toma:ratio=0.5@every"] == "same configuration as toma:ratio=0.5"  # levels <= 4 = the default
+    assert reasons["toma:ratio=0.5@every"] == "same configuration as toma:ratio=0.5@tokens"  # levels <= 4
+    assert reasons["toma:ratio=0.5@kvnolocal"] == "same configuration as toma:ratio=0.5"  # the default on a UNet
     assert reasons["toma:ratio=0.5@late"] == "placement 'late' does not exist on a unet"
     top = next(s for s in unet.settings if s.label == "toma:ratio=0.5@top")
     assert top.method.max_downsample == 1 and top.method.roles == {"attn"}
 
     flux_blocks = {"blocks": {"double": (1, None), "single": (1, None)}}
-    dit = build_settings(FLUX, Selection(["toma"], presets={"toma": ["every", "late", "top"]}), flux_blocks)
+    dit = build_settings(FLUX, Selection(["toma"], presets={"toma": ["tokens", "every", "late", "top"]}), flux_blocks)
     by_label = {s.label: s for s in dit.settings}
     assert by_label["toma:ratio=0.5"].method.blocks == {"double": ((1, None),), "single": ((1, None),)}
     assert by_label["toma:ratio=0.5@every"].method.blocks == {"double": ((0, None),), "single": ((0, None),)}
     assert by_label["toma:ratio=0.5@late"].method.blocks == {"double": ((1, None),), "single": ((2, None),)}
-    assert {s.reason for s in dit.skipped} == {"placement 'top' does not exist on a dit"}
+    assert by_label["toma:ratio=0.5"].method.mode == "tokens"
+    reasons = {s.label: s.reason for s in dit.skipped}
+    assert reasons["toma:ratio=0.5@top"] == "placement 'top' does not exist on a dit"
+    assert reasons["toma:ratio=0.5@tokens"] == "same configuration as toma:ratio=0.5"  # tokens: the DiT default
 
 
 def test_layout_of_tells_unets_from_dits() -> None:

@@ -24,7 +24,7 @@ def self_attention_queries(lengths: list[tuple[int, int]]) -> list[int]:
 @pytest.mark.parametrize("guidance", [1.0, 5.0])
 def test_stock_call_batch_and_guidance(pipe, batch: int, guidance: float, attention_lengths) -> None:
     base = generate(pipe, ["a red cube"] * batch, guidance_scale=guidance)
-    tm.apply(pipe, tm.ToMA(ratio=0.5))
+    tm.apply(pipe, tm.ToMA(mode="tokens", ratio=0.5))
     attention_lengths.clear()
     merged = generate(pipe, ["a red cube"] * batch, guidance_scale=guidance)
     assert merged.shape == base.shape and torch.isfinite(merged).all()
@@ -39,7 +39,7 @@ def test_stock_call_batch_and_guidance(pipe, batch: int, guidance: float, attent
 def test_attention_runs_on_fewer_tokens(pipe, attention_lengths) -> None:
     generate(pipe)
     full = sorted(self_attention_queries(attention_lengths))
-    tm.apply(pipe, tm.ToMA(ratio=0.75))
+    tm.apply(pipe, tm.ToMA(mode="tokens", ratio=0.75))
     attention_lengths.clear()
     generate(pipe)
     merged = sorted(self_attention_queries(attention_lengths))
@@ -51,7 +51,7 @@ def test_attention_runs_on_fewer_tokens(pipe, attention_lengths) -> None:
 
 
 def test_attention_only_placement_keeps_cross_and_mlp_full(pipe, attention_lengths) -> None:
-    tm.apply(pipe, tm.ToMA(ratio=0.5, merge_crossattn=False, merge_mlp=False))
+    tm.apply(pipe, tm.ToMA(mode="tokens", ratio=0.5, merge_crossattn=False, merge_mlp=False))
     generate(pipe)
     assert set(self_attention_queries(attention_lengths)) <= {128, 32, 8}
     cross = {q for q, k in attention_lengths if k == TEXT_LEN != q}
@@ -60,7 +60,7 @@ def test_attention_only_placement_keeps_cross_and_mlp_full(pipe, attention_lengt
 
 def test_ratio_zero_is_bit_identical(pipe) -> None:
     base = generate(pipe)
-    tm.apply(pipe, tm.ToMA(ratio=0.0))
+    tm.apply(pipe, tm.ToMA(mode="tokens", ratio=0.0))
     assert torch.equal(generate(pipe), base)
 
 
@@ -68,7 +68,7 @@ def test_remove_restores_exactly(pipe) -> None:
     base = generate(pipe, guidance_scale=5.0)
     hooks_before = _hook_count(pipe.unet)
     scheduler_attrs = dict(vars(pipe.scheduler))
-    tm.apply(pipe, tm.ToMA(ratio=0.5))
+    tm.apply(pipe, tm.ToMA(mode="tokens", ratio=0.5))
     assert _hook_count(pipe.unet) > hooks_before
     assert not torch.equal(generate(pipe, guidance_scale=5.0), base)
     tm.remove(pipe)
@@ -80,20 +80,20 @@ def test_remove_restores_exactly(pipe) -> None:
 
 
 def test_apply_twice_replaces(pipe) -> None:
-    tm.apply(pipe, tm.ToMA(ratio=0.5))
+    tm.apply(pipe, tm.ToMA(mode="tokens", ratio=0.5))
     once = generate(pipe)
-    tm.apply(pipe, tm.ToMA(ratio=0.5))
+    tm.apply(pipe, tm.ToMA(mode="tokens", ratio=0.5))
     assert torch.equal(generate(pipe), once)
-    tm.apply(pipe, tm.ToMA(ratio=0.75))
+    tm.apply(pipe, tm.ToMA(mode="tokens", ratio=0.75))
     replaced = generate(pipe)
     tm.remove(pipe)
-    tm.apply(pipe, tm.ToMA(ratio=0.75))
+    tm.apply(pipe, tm.ToMA(mode="tokens", ratio=0.75))
     assert torch.equal(generate(pipe), replaced)
 
 
 def test_same_seed_twice_same_image(pipe) -> None:
     """Caches reset at every generation: the second image is not planned from the first one's tokens."""
-    tm.apply(pipe, tm.ToMA(ratio=0.5, dest_every=100, weight_every=100))
+    tm.apply(pipe, tm.ToMA(mode="tokens", ratio=0.5, dest_every=100, weight_every=100))
     first = generate(pipe, seed=1)
     generate(pipe, seed=2)
     assert torch.equal(generate(pipe, seed=1), first)
@@ -104,7 +104,7 @@ def test_shape_change_between_calls(pipe, change: str) -> None:
     """A call after a batch-size or resolution change equals the same call on a freshly patched model."""
     first = dict(height=32, width=48) if change == "resolution" else dict(num_images_per_prompt=1)
     second = dict(height=48, width=32) if change == "resolution" else dict(num_images_per_prompt=2)
-    method = tm.ToMA(ratio=0.5, dest_every=4, weight_every=4)
+    method = tm.ToMA(mode="tokens", ratio=0.5, dest_every=4, weight_every=4)
     tm.apply(pipe, method)
     generate(pipe, **first)
     after_change = generate(pipe, **second)
@@ -117,7 +117,7 @@ def test_non_square_and_ragged_grids(pipe, size: tuple[int, int], attention_leng
     """(40, 24) px -> 20x12 latent, 10x6 and 5x3 grids: the 4x4 tiles do not divide them."""
     base = generate(pipe, height=size[0], width=size[1])
     full = sorted(self_attention_queries(attention_lengths))
-    tm.apply(pipe, tm.ToMA(ratio=0.5))
+    tm.apply(pipe, tm.ToMA(mode="tokens", ratio=0.5))
     attention_lengths.clear()
     merged = generate(pipe, height=size[0], width=size[1])
     assert merged.shape == base.shape and torch.isfinite(merged).all()
@@ -127,9 +127,9 @@ def test_non_square_and_ragged_grids(pipe, size: tuple[int, int], attention_leng
 
 def test_merge_only_at_chosen_steps(pipe, attention_lengths) -> None:
     base = generate(pipe, steps=4)
-    tm.apply(pipe, tm.ToMA(ratio=0.5, steps=[]))
+    tm.apply(pipe, tm.ToMA(mode="tokens", ratio=0.5, steps=[]))
     assert torch.equal(generate(pipe, steps=4), base)
-    tm.apply(pipe, tm.ToMA(ratio=0.5, steps=[1, 3]))
+    tm.apply(pipe, tm.ToMA(mode="tokens", ratio=0.5, steps=[1, 3]))
     attention_lengths.clear()
     generate(pipe, steps=4)
     unet_lengths = [(q, k) for q, k in attention_lengths if not q == k == TEXT_LEN]  # drop the text encoder's
@@ -149,7 +149,7 @@ def test_reuse_across_blocks_and_steps(pipe, monkeypatch: pytest.MonkeyPatch) ->
         return original(x, grid, ratio, tau, dest, *args)
 
     monkeypatch.setattr(toma_module, "toma_merge", spy)
-    tm.apply(pipe, tm.ToMA(ratio=0.5, dest_every=3, weight_every=2))
+    tm.apply(pipe, tm.ToMA(mode="tokens", ratio=0.5, dest_every=3, weight_every=2))
     groups = {s.group for s in pipe.unet._tokenmerge.sites}
     generate(pipe, steps=6)  # weights at steps 0, 2, 4; destinations at 0, 3 (with the weights of step 4)
     assert len(made) == 3 * len(groups)
@@ -159,7 +159,7 @@ def test_reuse_across_blocks_and_steps(pipe, monkeypatch: pytest.MonkeyPatch) ->
 def test_merged_block_matches_explicit_math(pipe) -> None:
     """A patched block computes x + A^T f(M g(x)) for each merged sub-module f with pre-norm g, before the add."""
     unet = pipe.unet
-    method = tm.ToMA(ratio=0.5)
+    method = tm.ToMA(mode="tokens", ratio=0.5)
     tm.apply(unet, method)
     site = next(s for s in unet._tokenmerge.sites if "cross" in s.modules)
     captured = {}
@@ -185,7 +185,7 @@ def test_denoiser_module_and_manual_loop() -> None:
     """tm.apply on the UNet itself; a rising timestep starts a new generation; tm.reset forces one."""
     unet = build_unet("tiny-sd15")
     inputs = unet_inputs(unet, 2, 16, 16)
-    tm.apply(unet, tm.ToMA(ratio=0.5, dest_every=10, weight_every=10))
+    tm.apply(unet, tm.ToMA(mode="tokens", ratio=0.5, dest_every=10, weight_every=10))
     state = unet._tokenmerge.tracker
     with torch.no_grad():
         for t, step in [(900, 0), (900, 0), (600, 1), (300, 2), (950, 0)]:
@@ -199,7 +199,7 @@ def test_denoiser_module_and_manual_loop() -> None:
 def test_half_precision() -> None:
     unet = build_unet("tiny-sdxl", dtype=torch.bfloat16)
     inputs = unet_inputs(unet, 2, 16, 24)
-    tm.apply(unet, tm.ToMA(ratio=0.5))
+    tm.apply(unet, tm.ToMA(mode="tokens", ratio=0.5))
     with torch.no_grad():
         out = unet(**inputs).sample
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
@@ -214,7 +214,7 @@ def test_img2img_pipeline(pipe) -> None:
     image = torch.rand(1, 3, 32, 32)
     kwargs = dict(image=image, strength=0.6, num_inference_steps=5, output_type="latent")
     base = img2img("a cube", generator=torch.Generator().manual_seed(0), **kwargs).images
-    tm.apply(img2img, tm.ToMA(ratio=0.5))
+    tm.apply(img2img, tm.ToMA(mode="tokens", ratio=0.5))
     merged = img2img("a cube", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert torch.isfinite(merged).all() and not torch.equal(merged, base)
     tm.remove(img2img)
@@ -276,7 +276,7 @@ def test_inpaint_and_controlnet_pipelines() -> None:
     for p, extra in pipes:
         p.set_progress_bar_config(disable=True)
         reference = generate(p, **extra)
-        tm.apply(p, tm.ToMA(ratio=0.5))
+        tm.apply(p, tm.ToMA(mode="tokens", ratio=0.5))
         merged = generate(p, **extra)
         assert torch.isfinite(merged).all() and not torch.equal(merged, reference)
         tm.remove(p)
@@ -293,7 +293,7 @@ def test_steps_follow_the_scheduler(scheduler: str) -> None:
     pipe = tiny_pipeline("tiny-sd15")
     pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
-    tm.apply(pipe, tm.ToMA(ratio=0.5))
+    tm.apply(pipe, tm.ToMA(mode="tokens", ratio=0.5))
     state = pipe.unet._tokenmerge.tracker
     seen: list[tuple[int, bool]] = []
     pipe.unet.register_forward_hook(lambda m, a, o: seen.append((state.step, state.driven)))

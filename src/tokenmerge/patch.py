@@ -306,7 +306,9 @@ def _patch(obj: Any) -> Patch | None:
 def apply(obj: Any, method: Method) -> Any:
     """Patch a diffusers pipeline (or its denoiser module) in place with ``method``; returns ``obj``.
 
-    Applying again replaces the previous patch. A method that changes nothing (ratio 0) leaves the model unpatched.
+    Options left ``"auto"`` are first made concrete for the model's family (:meth:`Method.resolve`; ``tm.summary``
+    shows the result). Applying again replaces the previous patch. A method that changes nothing (ratio 0) leaves
+    the model unpatched.
     Raises ``ValueError`` when the method cannot run on this model or its attention backend (e.g. a key mask where
     the attention takes none), before anything changes (a previous patch stays); warns when its options patch no
     block.
@@ -315,6 +317,10 @@ def apply(obj: Any, method: Method) -> Any:
         raise TypeError(f"expected a tokenmerge method such as tm.ToMA(...), got {type(method).__name__}")
     model = find_denoiser(obj)
     adapter = adapter_for(model)
+    concrete = method.resolve(adapter.family)
+    if concrete != method:
+        logger.info("%s on %s is %s", method.describe(), type(model).__name__, concrete.describe())
+    method = concrete
     patch = None if method.is_identity else Patch(method, adapter)
     if patch is not None:
         patch.check()

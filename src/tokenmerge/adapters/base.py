@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -124,6 +124,10 @@ def attention_backend(processor: Any) -> str | None:
 
 class Adapter(ABC):
     """Knows where a denoiser's blocks, grids and call arguments are; one subclass per model family."""
+
+    #: ``"unet"`` (blocks placed by ``max_downsample``) or ``"dit"`` (a diffusion transformer: placed by ``blocks``);
+    #: methods whose defaults differ per family resolve them against it (:meth:`Method.resolve`).
+    family: ClassVar[str] = "dit"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -30,6 +30,8 @@ class UNetAdapter(Adapter):
     path (``down1``, ``mid4``, ``up2``, ...).
     """
 
+    family = "unet"
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self._owners: list[tuple[GridSlot, nn.Module]] = []  # each slot and the Transformer2DModel that fills it

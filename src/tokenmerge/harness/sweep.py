@@ -167,8 +167,9 @@ class MethodSweep:
 
 
 ATTN_ONLY: Options = {"merge_crossattn": False, "merge_mlp": False}
+TOKENS: Options = {"mode": "tokens"}
 #: ToMA's keys/values mode as measured best on the 32x32 reference UNet (docs/benchmarks.md, "ToMA variants").
-KV: Options = {"mode": "kv", "locality": 0.05, "max_downsample": None}
+KV: Options = {"mode": "kv", "locality": 0.05}
 KV_GRID: Options = {"values": (0.5, 0.625, 0.75, 0.875, 0.9375), "quick_values": (0.5, 0.75, 0.9375)}
 ABLATION: Options = {**KV_GRID, "explore": False}
 WHOLE_BLOCK: Options = {"merge_attn": True, "merge_crossattn": True, "merge_mlp": True}
@@ -180,21 +181,22 @@ SWEEPS: dict[str, MethodSweep] = {
         values=(0.125, 0.25, 0.375, 0.5, 0.625, 0.75),
         quick_values=(0.25, 0.5, 0.75),
         presets=(
-            Preset("default", doc="tokens mode: whole blocks (self-attention, cross-attention queries, MLP), <= 4x"),
-            Preset("attn", ATTN_ONLY, doc="self-attention only, same levels / blocks"),
-            Preset("top", ATTN_ONLY, "top", doc="UNet: self-attention at the top level only (tomesd's placement)"),
+            Preset("default", doc="mode auto: keys/values at the finest UNet level; DiTs: tokens mode, whole blocks"),
+            Preset("tokens", TOKENS, doc="tokens mode: whole blocks (self-attention, cross-attention, MLP), <= 4x"),
+            Preset("attn", {**TOKENS, **ATTN_ONLY}, doc="tokens mode, self-attention only, same levels / blocks"),
+            Preset("top", {**TOKENS, **ATTN_ONLY}, "top", doc="UNet: tokens mode, self-attention at the top level"),
             Preset("kv", KV, doc="keys/values mode, locality 0.05, finest UNet level", **KV_GRID),
-            Preset("kvnolocal", {**KV, "locality": 0.0}, doc="the kv preset without the prior", **ABLATION),
+            Preset("kvnolocal", {"mode": "kv"}, doc="the kv preset without the prior", **ABLATION),
             Preset("kvmerged", {**KV, "kv_tokens": "merged"}, doc="kv with averaged keys/values", **ABLATION),
             Preset(
                 "authors",
-                {"merge_every": 3, "dest_every": 1, "weight_every": 1},
-                doc="the authors' schedule: merge every third step, fresh destinations at each",
+                {**TOKENS, "merge_every": 3, "dest_every": 1, "weight_every": 1},
+                doc="the authors' schedule: tokens mode, merge every third step, fresh destinations at each",
             ),
-            Preset("every", placement="every", doc="every UNet level / every DiT block"),
-            Preset("late", placement="late", doc="DiT: the second half of each block kind"),
+            Preset("every", TOKENS, placement="every", doc="tokens mode at every UNet level / every DiT block"),
+            Preset("late", TOKENS, placement="late", doc="DiT: tokens mode in the second half of each block kind"),
         ),
-        quick_presets=("default", "attn", "kv"),
+        quick_presets=("default", "tokens", "kv"),
     ),
     "tomesd": MethodSweep(
         knob="ratio",
@@ -316,7 +318,8 @@ def build_settings(
                     )
                     continue
                 try:
-                    method = cls(**{**(method_defaults or {}), **preset.options, **placed, sweep.knob: value})
+                    options = {**(method_defaults or {}), **preset.options, **placed, sweep.knob: value}
+                    method = cls(**options).resolve(layout.family)
                 except (ValueError, TypeError) as exc:
                     skipped.append(Skipped(label, f"invalid options: {exc}"))
                     continue

@@ -16,6 +16,8 @@ from tokenmerge.plans import KVPlan, MergePlan
 
 #: Sub-modules of a transformer block a method can run on merged tokens.
 ROLES = ("attn", "cross", "mlp")
+#: An option value meaning "the method's default for the model's family", made concrete by :meth:`Method.resolve`.
+AUTO = "auto"
 
 
 @dataclass(eq=False)
@@ -49,15 +51,16 @@ class Method(ABC):
 
     - ``max_downsample``: merge in blocks whose grid is at most this many times smaller than the latent (UNets);
       ``None``: the finest level that has attention in the model (SD 1.x: 1, SDXL: 2), resolved at ``apply``;
+      :data:`AUTO`: the method's own choice, made by :meth:`resolve` (methods without one: ``None``);
     - ``steps``: the 0-based denoising steps at which merging is active (``None``: all), kept as a ``frozenset``;
     - ``blocks``: diffusion transformers: merged block index ranges per kind (see :func:`parse_blocks`); kinds not
       given keep the adapter's default placement.
 
     Subclasses validate and normalise their own options in :meth:`validate`; everything is checked at construction,
-    what depends on the model at ``apply``.
+    what depends on the model at ``apply`` (which first calls :meth:`resolve` with the model's family).
     """
 
-    max_downsample: int | None = field(default=None, kw_only=True)
+    max_downsample: int | str | None = field(default=None, kw_only=True)
     steps: Collection[int] | None = field(default=None, kw_only=True)
     blocks: Mapping[str, Any] | None = field(default=None, kw_only=True)
 
@@ -73,7 +76,7 @@ class Method(ABC):
         self.validate()
         if not self.roles <= set(ROLES):
             raise ValueError(f"roles must be a subset of {ROLES}, got {sorted(self.roles)}")
-        if self.max_downsample is not None:
+        if self.max_downsample is not None and self.max_downsample != AUTO:
             downsample = integer("max_downsample", self.max_downsample, 1)
             if downsample & (downsample - 1):
                 raise ValueError(f"max_downsample must be a power of two >= 1 or None, got {downsample}")
@@ -83,6 +86,12 @@ class Method(ABC):
 
     def validate(self) -> None:  # noqa: B027 (optional: methods without options of their own)
         """Check and normalise this method's own options (raise ``TypeError``/``ValueError`` naming the option)."""
+
+    def resolve(self, family: str) -> Method:
+        """This configuration on a model of ``family`` (``"unet"`` or ``"dit"``, :attr:`Adapter.family`) with every
+        :data:`AUTO` option made concrete; raises ``ValueError`` if the concrete options conflict. Default:
+        ``max_downsample=AUTO`` becomes ``None``."""
+        return dataclasses.replace(self, max_downsample=None) if self.max_downsample == AUTO else self
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)

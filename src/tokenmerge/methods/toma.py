@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ from typing import Any
 
 import torch
 
-from tokenmerge.methods.base import FlagRoles, Method, PlanCache, boolean, check_ratio, check_tile, integer, real
+from tokenmerge.methods.base import AUTO, FlagRoles, Method, PlanCache, check_ratio, check_tile, integer, real
 from tokenmerge.ops.select import TIE_TOL
 from tokenmerge.ops.tiles import TileGrid
 from tokenmerge.ops.toma import MergedKV, TileMerge, toma_merge
@@ -29,11 +30,11 @@ class ToMACache(PlanCache):
 class ToMA(FlagRoles, Method):
     """Token Merge with Attention.
 
-    ``mode="kv"`` with ``ratio=0.75, locality=0.05, max_downsample=None`` (the pareto preset ``kv``) keeps every
-    query and takes the self-attention's keys and values from a quarter of the tokens, chosen per 4x4 tile by
-    facility location with a locality prior: on the 32x32 reference UNet's front it was 1.2 dB closer to the
-    unaccelerated images than ToDo at the same FLOPs, on the 64x64 one 1.8 dB farther (docs/benchmarks.md, "ToMA
-    variants"). The default merges whole blocks in tokens mode (faster, less faithful).
+    The default, ``mode="auto"``, is the measured best trade-off of each model family (docs/benchmarks.md, "Why each
+    default"): on a UNet, ``mode="kv"`` at its finest level (every query kept; the self-attention's keys and values
+    from half of the tokens, chosen per 4x4 tile by facility location; ToDo's placement with ToMA's adaptive choice
+    of keys); on a diffusion transformer, ``mode="tokens"`` (whole blocks run on merged tokens, outputs unmerged).
+    Whole-block tokens mode on a UNet is faster and much less faithful (``mode="tokens"``).
 
     Args:
         ratio: fraction of tokens removed in each tile, in ``[0, 1)``; 0 leaves the model untouched.
@@ -49,20 +50,23 @@ class ToMA(FlagRoles, Method):
         locality: ``lambda`` of a distance prior: selection and weights use ``cos - lambda * d^2`` for tokens ``d``
             grid steps apart (0: none), so that destinations spread over the tile and flat regions merge into nearby
             ones.
-        merge_attn / merge_crossattn / merge_mlp: run self-attention / cross-attention queries / the MLP on merged
-            tokens (the whole block by default; attention alone is more faithful and slower, see docs/benchmarks.md).
-            Only ``merge_attn`` applies in ``mode="kv"``.
+        merge_attn / merge_crossattn / merge_mlp: ``mode="tokens"``: run self-attention / cross-attention queries /
+            the MLP on merged tokens (the whole block by default; attention alone is more faithful and slower, see
+            docs/benchmarks.md). ``mode="kv"`` merges the self-attention's keys and values only: turning a flag off
+            there is an error.
         mode: ``"tokens"``: the merged sub-modules run on merged tokens, their outputs unmerged; ``"kv"``: every
-            query kept, the self-attention's keys and values taken from ToMA's selection (ToDo's placement with
-            ToMA's adaptive choice of keys), nothing to unmerge.
-        kv_tokens: ``mode="kv"``: keys and values projected from the ``"destinations"`` themselves (``x[D]``, no
-            averaging) or from the ``"merged"`` tokens ``M x`` (weighted means of each destination's sources).
+            query kept, the self-attention's keys and values taken from ToMA's selection, nothing to unmerge;
+            ``"auto"`` (default): ``"kv"`` on UNets, ``"tokens"`` on diffusion transformers, made concrete at
+            ``apply`` (:meth:`resolve`).
+        kv_tokens: ``mode="kv"`` only: keys and values projected from the ``"destinations"`` themselves (``x[D]``,
+            no averaging) or from the ``"merged"`` tokens ``M x`` (weighted means of each destination's sources).
         dest_every: recompute destinations every this many merged steps (reused in between).
         weight_every: recompute merge weights every this many merged steps. Within a step, the first patched block of a
             reuse group (a UNet level on the down, mid or up path) computes them and the later blocks reuse them.
         max_downsample: (keyword) merge in blocks whose grid is at most this many times smaller than the latent
             (4: the 64x64, 32x32 and 16x16-token levels of SD 1.5 at 512px, and both attention levels of SDXL);
-            ``None``: the finest level that has attention (SD 1.x: 1, SDXL: 2; ToDo's placement).
+            ``None``: the finest level that has attention (SD 1.x: 1, SDXL: 2; ToDo's placement); ``"auto"``
+            (default): 4 in tokens mode (the authors' placement), ``None`` in kv mode.
         merge_every: merge at steps 0, ``merge_every``, 2 ``merge_every``, ... only and run the full model in
             between (the authors' schedule: 3, see :meth:`authors_schedule`).
         steps: (keyword) 0-based denoising steps at which merging is active (``None``: all; with ``merge_every``,
@@ -82,9 +86,9 @@ class ToMA(FlagRoles, Method):
     merge_attn: bool = True
     merge_crossattn: bool = True
     merge_mlp: bool = True
-    mode: str = "tokens"
+    mode: str = AUTO
     kv_tokens: str = "destinations"
-    max_downsample: int | None = field(default=4, kw_only=True)
+    max_downsample: int | str | None = field(default=AUTO, kw_only=True)
     dest_every: int = 5
     weight_every: int = 1
     merge_every: int = 1
@@ -98,14 +102,33 @@ class ToMA(FlagRoles, Method):
         self._set("tie_tol", real("tie_tol", self.tie_tol, 0.0, 1.0, high_open=True))
         self._set("locality", real("locality", self.locality, 0.0, math.inf, high_open=True))
         self.check_flags()
-        if self.mode not in ("tokens", "kv"):
-            raise ValueError(f"mode must be 'tokens' or 'kv', got {self.mode!r}")
-        if self.mode == "kv" and not boolean("merge_attn", self.merge_attn):
-            raise ValueError("mode='kv' merges the self-attention's keys and values: merge_attn must be True")
+        if self.mode not in ("tokens", "kv", AUTO):
+            raise ValueError(f"mode must be 'tokens', 'kv' or 'auto', got {self.mode!r}")
         if self.kv_tokens not in ("destinations", "merged"):
             raise ValueError(f"kv_tokens must be 'destinations' or 'merged', got {self.kv_tokens!r}")
         for name in ("dest_every", "weight_every", "merge_every"):
             self._set(name, integer(name, getattr(self, name), 1))
+        if self.mode == "kv" and not (self.merge_attn and self.merge_crossattn and self.merge_mlp):
+            raise ValueError(
+                "mode='kv' merges only the self-attention's keys and values: merge_attn / merge_crossattn / merge_mlp "
+                "must stay True (they choose what mode='tokens' merges; set mode='tokens' to merge less)"
+            )
+        if self.mode == "tokens" and self.kv_tokens != "destinations":
+            raise ValueError(f"kv_tokens={self.kv_tokens!r} applies in mode='kv' only")
+        if self.mode != AUTO and self.max_downsample == AUTO:
+            self._set("max_downsample", None if self.mode == "kv" else 4)
+
+    def resolve(self, family: str) -> ToMA:
+        """``mode="auto"`` made concrete: ``"kv"`` on a ``"unet"``, ``"tokens"`` on a ``"dit"`` (and
+        ``max_downsample="auto"`` with it); raises ``ValueError`` naming the options that do not apply there."""
+        if self.mode != AUTO:
+            return self
+        mode = "kv" if family == "unet" else "tokens"
+        try:
+            return dataclasses.replace(self, mode=mode)
+        except ValueError as error:
+            model = "a UNet" if family == "unet" else "a diffusion transformer"
+            raise ValueError(f"{self.describe()} on {model}: mode='auto' is {mode!r} there, and {error}") from None
 
     @property
     def is_identity(self) -> bool:
@@ -121,10 +144,10 @@ class ToMA(FlagRoles, Method):
 
     @classmethod
     def authors_schedule(cls, **options: Any) -> ToMA:
-        """The step schedule of the authors' reference code (WenboLuu/ToMA): merge at steps 0, 3, 6, ... with fresh
+        """The authors' reference code (WenboLuu/ToMA): tokens mode, merge at steps 0, 3, 6, ... with fresh
         destinations and weights at each merged step, the full model in between; ``options`` as the class's. On the
-        command line: ``toma:merge_every=3,dest_every=1``."""
-        return cls(**{"merge_every": 3, "dest_every": 1, "weight_every": 1, **options})
+        command line: ``toma:mode=tokens,merge_every=3,dest_every=1``."""
+        return cls(**{"mode": "tokens", "merge_every": 3, "dest_every": 1, "weight_every": 1, **options})
 
     def active(self, step: int) -> bool:
         return super().active(step) and step % self.merge_every == 0
