@@ -76,7 +76,7 @@ def call(pipe: ReferencePipeline, inputs: tuple, log: DestinationLog, model: Any
     """One denoiser call with fresh plans (step 0 of a new generation)."""
     tm.set_step(pipe.denoiser, 0)
     log.dests.clear()
-    return denoise(model or pipe.denoiser, *inputs)
+    return denoise(pipe.denoiser if model is None else model, *inputs)
 
 
 def changed_tiles(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> float | None:

@@ -17,9 +17,10 @@ from tokenmerge.reference.demo import DemoConfig, default_specs, fidelity, gener
 from tokenmerge.reference.pipeline import ReferencePipeline, load_pipeline
 
 CFG = DemoConfig(num_images=4, steps=10, rounds=1)
-#: Lower PSNR bounds (dB) of each method at its default setting: the measured value (2026-12-03) minus 3 dB.
+#: Lower PSNR bounds (dB) of each method at its default setting: the measured value (2026-12-03) minus 3 dB. ToMA on
+#: the UNet: its default there since issue #12, keys/values mode at the top level (tokens mode measured 24.9 dB).
 MIN_PSNR: dict[tuple[str, str], float] = {
-    ("unet", "ToMA"): 24.9 - 3,
+    ("unet", "ToMA"): 35.1 - 3,
     ("unet", "CA-ToMe"): 31.2 - 3,
     ("unet", "ToMeSD"): 28.5 - 3,
     ("unet", "ToDo"): 36.7 - 3,
