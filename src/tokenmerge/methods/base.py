@@ -20,6 +20,11 @@ ROLES = ("attn", "cross", "mlp")
 AUTO = "auto"
 
 
+def is_auto(value: Any) -> bool:
+    """True for :data:`AUTO` (only a string compares: tensors and arrays never do)."""
+    return isinstance(value, str) and value == AUTO
+
+
 @dataclass(eq=False)
 class Generation:
     """What every block shares during one generation (made new at each): the steps it runs (the scheduler's count
@@ -76,7 +81,7 @@ class Method(ABC):
         self.validate()
         if not self.roles <= set(ROLES):
             raise ValueError(f"roles must be a subset of {ROLES}, got {sorted(self.roles)}")
-        if self.max_downsample is not None and self.max_downsample != AUTO:
+        if self.max_downsample is not None and not is_auto(self.max_downsample):
             downsample = integer("max_downsample", self.max_downsample, 1)
             if downsample & (downsample - 1):
                 raise ValueError(f"max_downsample must be a power of two >= 1 or None, got {downsample}")
@@ -91,7 +96,7 @@ class Method(ABC):
         """This configuration on a model of ``family`` (``"unet"`` or ``"dit"``, :attr:`Adapter.family`) with every
         :data:`AUTO` option made concrete; raises ``ValueError`` if the concrete options conflict. Default:
         ``max_downsample=AUTO`` becomes ``None``."""
-        return dataclasses.replace(self, max_downsample=None) if self.max_downsample == AUTO else self
+        return dataclasses.replace(self, max_downsample=None) if is_auto(self.max_downsample) else self
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)

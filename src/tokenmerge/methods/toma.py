@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from tokenmerge.methods.base import AUTO, FlagRoles, Method, PlanCache, check_ratio, check_tile, integer, real
+from tokenmerge.methods.base import AUTO, FlagRoles, Method, PlanCache, check_ratio, check_tile, integer, is_auto, real
 from tokenmerge.ops.select import TIE_TOL
 from tokenmerge.ops.tiles import TileGrid
 from tokenmerge.ops.toma import MergedKV, TileMerge, toma_merge
@@ -115,7 +115,7 @@ class ToMA(FlagRoles, Method):
             )
         if self.mode == "tokens" and self.kv_tokens != "destinations":
             raise ValueError(f"kv_tokens={self.kv_tokens!r} applies in mode='kv' only")
-        if self.mode != AUTO and self.max_downsample == AUTO:
+        if self.mode != AUTO and is_auto(self.max_downsample):
             self._set("max_downsample", None if self.mode == "kv" else 4)
 
     def resolve(self, family: str) -> ToMA:
