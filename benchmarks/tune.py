@@ -35,10 +35,11 @@ import torch
 from _common import print_table, write_results
 
 import tokenmerge as tm
+from tokenmerge.api import view_of
 from tokenmerge.harness import tune
 from tokenmerge.harness.pareto import run_sweep, standard_metrics
 from tokenmerge.harness.runners import ImageSet, open_runner, reference_captions
-from tokenmerge.harness.sweep import MethodSetting, build_settings, layout_of
+from tokenmerge.harness.sweep import MethodSetting, build_settings
 from tokenmerge.harness.timing import Schedule
 
 
@@ -79,7 +80,7 @@ def best_at(rows: list[dict[str, Any]], speed: float) -> dict[str, Any] | None:
 def run_exhaustive(evaluation: Any, rounds: int) -> tuple[list[dict[str, Any]], float]:
     """Pareto's full sweep on the evaluation set: its rows and its wall time."""
     start = time.perf_counter()
-    plan = build_settings(layout_of(evaluation.target), None, evaluation.method_defaults)
+    plan = build_settings(view_of(evaluation.target), None, evaluation.method_defaults)
     sweep = run_sweep(evaluation, plan.settings, standard_metrics(), Schedule(rounds, 1, 0), progress=True)
     return [p.row() for p in sweep.points], time.perf_counter() - start
 

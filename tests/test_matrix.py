@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import tokenmerge as tm
+from tokenmerge.api import view_of
 from tokenmerge.archs import tiny_pipeline
 
 from .conftest import generate
@@ -97,8 +98,7 @@ def test_fewer_tokens_reach_attention(pipe, name: str, denoiser_attention) -> No
     assert len(short) == len(full) > 0
     assert all(k <= fk for (_, k), (_, fk) in zip(short, full, strict=True))
     assert sum(k for _, k in short) < sum(k for _, k in full)
-    family = "unet" if hasattr(pipe, "unet") else "dit"
-    if methods(pipe)[name][0].resolve(family).keys_values:  # ToDo, ToMA's default on UNets: every query kept
+    if methods(pipe)[name][0].resolve(view_of(pipe)).keys_values:  # ToDo, ToMA's default on UNets: every query kept
         assert [q for q, _ in short] == [q for q, _ in full]
     else:
         assert sum(q for q, _ in short) < sum(q for q, _ in full)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tokenmerge as tm
+from tokenmerge.api import view_of
 from tokenmerge.archs import build_unet, unet_inputs
 from tokenmerge.methods.catome import SCHEDULES, scale_schedule
 
@@ -391,7 +392,7 @@ def test_toma_default_mode_is_made_concrete_per_family(caplog: pytest.LogCapture
     for bad in (dict(mode="kv", merge_mlp=False), dict(mode="tokens", kv_tokens="merged"), dict(mode="fast")):
         with pytest.raises(ValueError, match="mode"):
             tm.ToMA(**bad)
-    assert tm.ToDo(max_downsample="auto").resolve("unet") == tm.ToDo()  # methods without a per-family choice
+    assert tm.ToDo(max_downsample="auto").resolve(view_of(unet)) == tm.ToDo()  # methods without a per-family choice
 
 
 def test_toma_kv_mode_on_flux_uses_per_sample_key_positions() -> None:

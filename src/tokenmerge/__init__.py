@@ -8,12 +8,12 @@
 
 import logging
 
+from tokenmerge.api import applied, apply, is_applied, remove, reset, set_step, summary
 from tokenmerge.methods.base import Method
 from tokenmerge.methods.catome import CAToMe
 from tokenmerge.methods.todo import ToDo
 from tokenmerge.methods.toma import ToMA
 from tokenmerge.methods.tomesd import ToMeSD
-from tokenmerge.patch import applied, apply, is_applied, remove, reset, set_step, summary
 from tokenmerge.summary import Summary
 
 logging.getLogger("tokenmerge").addHandler(logging.NullHandler())

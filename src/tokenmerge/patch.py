@@ -1,4 +1,4 @@
-"""``apply`` / ``remove``: install a method on a pipeline or denoiser with removable torch hooks; ``summary``.
+"""The patch ``tm.apply`` installs on one denoiser: a method's hooks, step tracking, plan caches and counters.
 
 Hooks, not subclasses or processor swaps: the model's own attention processor (and so diffusers' attention
 backend dispatch) runs unchanged, on fewer tokens. Per denoiser call a pre-hook tracks the denoising step
@@ -14,8 +14,6 @@ import copy
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -26,17 +24,18 @@ from tokenmerge.adapters.base import Adapter, Site
 from tokenmerge.adapters.dit import PixArtAdapter, SD3Adapter
 from tokenmerge.adapters.flux import FluxAdapter
 from tokenmerge.adapters.unet import UNetAdapter
-from tokenmerge.caches import check_caches, reset_caches
+from tokenmerge.caches import check_caches
 from tokenmerge.hooks import BlockRun, install_block
 from tokenmerge.lifecycle import PipelineLink
-from tokenmerge.methods.base import Generation, Method, PlanCache
+from tokenmerge.methods.base import Generation, Layout, Method, PlanCache
 from tokenmerge.plans import KVPlan, MergePlan
 from tokenmerge.steps import Change, StepTracker
 from tokenmerge.summary import Counters, Summary, Unmerged, summarize
 
 logger = logging.getLogger("tokenmerge")
 
-_ATTR = "_tokenmerge"
+#: The attribute of a patched denoiser that holds its :class:`Patch`.
+PATCH_ATTR = "_tokenmerge"
 ADAPTERS: dict[str, type[Adapter]] = {
     "UNet2DConditionModel": UNetAdapter,
     "FluxTransformer2DModel": FluxAdapter,
@@ -62,6 +61,16 @@ def adapter_for(model: nn.Module) -> Adapter:
         if cls.__name__ in ADAPTERS:
             return ADAPTERS[cls.__name__](model)
     raise ValueError(f"unsupported model {type(model).__name__}; supported: {', '.join(sorted(ADAPTERS))}")
+
+
+def layout_of(adapter: Adapter) -> Layout:
+    """The :class:`Layout` of an adapter's model: its family, UNet levels and DiT block kinds."""
+    sites = adapter.sites()
+    kinds: dict[str, int] = {}
+    for site in sites:
+        if site.kind is not None:
+            kinds[site.kind] = max(kinds.get(site.kind, 0), site.index + 1)
+    return Layout(adapter.family, tuple(sorted({s.downsample for s in sites})), kinds)
 
 
 def place(method: Method, adapter: Adapter) -> list[Site]:
@@ -297,96 +306,3 @@ def explain_placement(method: Method, adapter: Adapter, sites: list[Site]) -> No
 def _warn(message: str) -> None:
     logger.warning("%s", message)
     warnings.warn(f"tokenmerge: {message}", UserWarning, stacklevel=3)
-
-
-def _patch(obj: Any) -> Patch | None:
-    return vars(find_denoiser(obj)).get(_ATTR)
-
-
-def apply(obj: Any, method: Method) -> Any:
-    """Patch a diffusers pipeline (or its denoiser module) in place with ``method``; returns ``obj``.
-
-    Options left ``"auto"`` are first made concrete for the model's family (:meth:`Method.resolve`; ``tm.summary``
-    shows the result). Applying again replaces the previous patch. A method that changes nothing (ratio 0) leaves
-    the model unpatched.
-    Raises ``ValueError`` when the method cannot run on this model or its attention backend (e.g. a key mask where
-    the attention takes none), before anything changes (a previous patch stays); warns when its options patch no
-    block.
-    """
-    if not isinstance(method, Method):
-        raise TypeError(f"expected a tokenmerge method such as tm.ToMA(...), got {type(method).__name__}")
-    model = find_denoiser(obj)
-    adapter = adapter_for(model)
-    concrete = method.resolve(adapter.family)
-    if concrete != method:
-        logger.info("%s on %s is %s", method.describe(), type(model).__name__, concrete.describe())
-    method = concrete
-    patch = None if method.is_identity else Patch(method, adapter)
-    if patch is not None:
-        patch.check()
-    remove(obj)
-    if patch is None:
-        logger.info("%s changes nothing: %s left unpatched", method.describe(), type(model).__name__)
-        return obj
-    patch.install(None if isinstance(obj, nn.Module) else obj)
-    setattr(model, _ATTR, patch)
-    return obj
-
-
-def remove(obj: Any) -> Any:
-    """Undo :func:`apply`: every hook and wrapper removed, the model exactly as it was. No-op if not patched."""
-    model = find_denoiser(obj)
-    patch = vars(model).get(_ATTR)
-    if patch is not None:
-        patch.uninstall()
-        delattr(model, _ATTR)
-    return obj
-
-
-def is_applied(obj: Any) -> bool:
-    """Whether ``obj``'s denoiser is patched by :func:`apply`."""
-    return _patch(obj) is not None
-
-
-@contextmanager
-def applied(obj: Any, method: Method) -> Iterator[Any]:
-    """``with tm.applied(pipe, method):`` — patched inside the block; on leaving it, however, the patch is removed
-    and a method applied before is applied again."""
-    before = _patch(obj)
-    apply(obj, method)  # raises before anything changes
-    try:
-        yield obj
-    finally:
-        remove(obj)
-        if before is not None:
-            apply(obj, before.method)
-
-
-def summary(obj: Any) -> Summary:
-    """What is patched on ``obj``'s denoiser and what it did: blocks per group, tokens in and out of every patched
-    block at its last call, denoiser calls merged and unmerged (with why), steps merged of the steps run. ``print``
-    it for a table. Counters are plain Python ints kept by the hooks (no device reads), in eager mode."""
-    patch = _patch(obj)
-    if patch is None:
-        return Summary(model=type(find_denoiser(obj)).__name__, method=None)
-    return patch.summary()
-
-
-def set_step(obj: Any, step: int) -> None:
-    """Drive the step yourself: the denoiser calls that follow belong to denoising ``step`` (0 starts a new
-    generation) until the next ``set_step`` or :func:`reset`. No timestep is read from the device, so a compiled
-    denoiser in a custom loop sees Python constants only. Pipelines do this by themselves (through their scheduler)."""
-    if isinstance(step, bool) or int(step) != step or step < 0:
-        raise ValueError(f"step must be a non-negative integer, got {step!r}")
-    patch = _patch(obj)
-    if patch is not None:
-        patch.set_step(int(step))
-
-
-def reset(obj: Any) -> None:
-    """Start a new generation at the next call (pipelines do this themselves; for direct denoiser loops), and reset
-    the diffusers step caches of the denoiser (FirstBlockCache, ...) with it, as a pipeline call's end does."""
-    patch = _patch(obj)
-    if patch is not None:
-        patch.finish_generation()
-    reset_caches(find_denoiser(obj))

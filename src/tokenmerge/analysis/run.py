@@ -19,9 +19,10 @@ from tokenmerge.analysis.schedules import (
     selected_blocks,
     toma_intervals,
 )
+from tokenmerge.api import apply, remove
 from tokenmerge.methods.catome import CAToMe
 from tokenmerge.methods.toma import ToMA
-from tokenmerge.patch import adapter_for, apply, find_denoiser, remove
+from tokenmerge.patch import adapter_for, find_denoiser
 
 
 def observer_for(obj: Any, observe: Observe | None = None) -> Observe:

@@ -317,6 +317,7 @@ def _defaults(args: argparse.Namespace, kind: str) -> tuple[int, int, int]:
 
 def run(args: argparse.Namespace) -> int:
     """Check everything, build the settings, sweep, write, print the table."""
+    from tokenmerge.api import view_of
     from tokenmerge.harness import metrics, models
     from tokenmerge.harness.pareto import check_targets, run_sweep, scene_metrics, standard_metrics
     from tokenmerge.harness.prompts import load_prompts
@@ -356,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
     device = models.resolve_device(args.device)
     options = dict(steps=steps, guidance_scale=args.guidance_scale, height=args.height, width=args.width)
     runner = open_runner(args.model, prompts, args.seeds, num_prompts, device, models.DTYPES[args.dtype], **options)
-    plan = build_settings(layout_of(runner.target), sel, runner.method_defaults)
+    plan = build_settings(view_of(runner.target), sel, runner.method_defaults)
     if args.caches or args.stack:
         caches = [c.strip().lower() for c in (args.caches or "").split(",") if c.strip()]
         layout = layout_of(runner.target)

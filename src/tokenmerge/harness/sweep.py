@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import tokenmerge as tm
+from tokenmerge.api import view_of
 from tokenmerge.errors import HarnessError
 from tokenmerge.harness.registry import methods
-from tokenmerge.patch import adapter_for, find_denoiser
+from tokenmerge.methods.base import Layout, LayoutView, ModelView
 
 logger = logging.getLogger(__name__)
 
@@ -86,27 +87,9 @@ class MethodSetting:
 BASELINE = MethodSetting(None)
 
 
-@dataclass(frozen=True)
-class Layout:
-    """Where a denoiser's mergeable blocks are: ``family`` ``"unet"`` (placed by ``max_downsample`` over its
-    ``levels``, the downsampling factors that have transformer blocks) or ``"dit"`` (placed by index ranges per
-    block kind; ``kinds``: kind -> number of blocks)."""
-
-    family: str
-    levels: tuple[int, ...] = ()
-    kinds: Mapping[str, int] = field(default_factory=dict)
-
-
 def layout_of(target: Any) -> Layout:
     """The :class:`Layout` of a pipeline's (or a denoiser's) blocks, from its tokenmerge adapter."""
-    adapter = adapter_for(find_denoiser(target))
-    sites = adapter.sites()
-    kinds: dict[str, int] = {}
-    for site in sites:
-        if site.kind is not None:
-            kinds[site.kind] = max(kinds.get(site.kind, 0), site.index + 1)
-    family = "dit" if adapter.default_blocks() else "unet"
-    return Layout(family, tuple(sorted({s.downsample for s in sites})), kinds)
+    return view_of(target).layout
 
 
 def _every(layout: Layout) -> Options:
@@ -287,14 +270,17 @@ def _knob_default(cls: type, knob: str) -> Any:
 
 
 def build_settings(
-    layout: Layout, selection: Selection | None = None, method_defaults: Options | None = None
+    model: Layout | ModelView, selection: Selection | None = None, method_defaults: Options | None = None
 ) -> SweepPlan:
-    """The baseline, then for every chosen method, preset and value the :class:`MethodSetting`, placed on ``layout``.
+    """The baseline, then for every chosen method, preset and value the :class:`MethodSetting`, placed on ``model``
+    (a model's view, :func:`~tokenmerge.api.view_of`, or a bare :class:`Layout`) and resolved against it.
 
     ``method_defaults``: options every method gets unless its preset sets them (a model whose library default
     placement does not fit, e.g. the reference Flux model's blocks). The default setting of a method is its default
     preset at the knob's default value; it is always included and marked ``default``.
     """
+    view = LayoutView(model) if isinstance(model, Layout) else model
+    layout = view.layout
     selection = selection or Selection()
     selection.check()
     registry = methods()
@@ -319,7 +305,7 @@ def build_settings(
                     continue
                 try:
                     options = {**(method_defaults or {}), **preset.options, **placed, sweep.knob: value}
-                    method = cls(**options).resolve(layout.family)
+                    method = cls(**options).resolve(view)
                 except (ValueError, TypeError) as exc:
                     skipped.append(Skipped(label, f"invalid options: {exc}"))
                     continue

@@ -34,11 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import tokenmerge as tm
+from tokenmerge.api import view_of
 from tokenmerge.errors import HarnessError
 from tokenmerge.harness.pareto import Metric, Point, SweepResult, front, run_sweep, standard_metrics
 from tokenmerge.harness.registry import methods
 from tokenmerge.harness.runners import ImageSet, Runner
-from tokenmerge.harness.sweep import SWEEPS, MethodSetting, Selection, Setting, build_settings, layout_of
+from tokenmerge.harness.sweep import SWEEPS, MethodSetting, Selection, Setting, build_settings
 from tokenmerge.harness.timing import Schedule
 
 logger = logging.getLogger(__name__)
@@ -300,7 +301,7 @@ def _refinements(points: Sequence[Point], goal: Goal, probes: int) -> list[tuple
 
 def _settings_for(runner: Runner, wanted: Sequence[tuple[str, str, Any]]) -> list[Setting]:
     """The :class:`MethodSetting` of each (method, preset, value), built as the pareto sweep builds its own."""
-    layout, out = layout_of(runner.target), []
+    layout, out = view_of(runner.target), []
     for family, preset, value in wanted:
         plan = build_settings(
             layout, Selection([family], {family: [preset]}, {family: [value]}), runner.method_defaults
@@ -358,7 +359,7 @@ def search(
     prime = run_sweep(runner, [], schedule=Schedule(rounds=1, warmup=0, seed=plan.seed), **sweep)
     clock = _Clock(prime.points[0].median_s, budget_s)
     bar.update()
-    coarse_plan = build_settings(layout_of(runner.target), _coarse(selection), runner.method_defaults)
+    coarse_plan = build_settings(view_of(runner.target), _coarse(selection), runner.method_defaults)
     coarse = coarse_plan.settings[1:]
     if not clock.fits(len(coarse) + 1 + 2):  # the coarse sweep and one confirmation round of one candidate
         calls = len(coarse) + 1

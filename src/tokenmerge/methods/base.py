@@ -8,7 +8,7 @@ import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -23,6 +23,39 @@ AUTO = "auto"
 def is_auto(value: Any) -> bool:
     """True for :data:`AUTO` (only a string compares: tensors and arrays never do)."""
     return isinstance(value, str) and value == AUTO
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a denoiser's mergeable blocks are: ``family`` ``"unet"`` (placed by ``max_downsample`` over its
+    ``levels``, the downsampling factors that have transformer blocks) or ``"dit"`` (placed by index ranges per
+    block kind; ``kinds``: kind -> number of blocks)."""
+
+    family: str
+    levels: tuple[int, ...] = ()
+    kinds: Mapping[str, int] = field(default_factory=dict)
+
+
+class ModelView(Protocol):
+    """What :meth:`Method.resolve` may ask about the model a method is applied to (built by ``tm.apply`` from the
+    model's adapter)."""
+
+    @property
+    def layout(self) -> Layout: ...
+
+    def key_mask_problem(self, method: Method) -> str | None:
+        """Why a self-attention that the concrete ``method`` would patch cannot take a key mask, or ``None``."""
+
+
+@dataclass(frozen=True)
+class LayoutView:
+    """A :class:`ModelView` of a model known by its layout alone (a sweep planned without the model): every site
+    takes a key mask."""
+
+    layout: Layout
+
+    def key_mask_problem(self, method: Method) -> str | None:
+        return None
 
 
 @dataclass(eq=False)
@@ -62,7 +95,7 @@ class Method(ABC):
       given keep the adapter's default placement.
 
     Subclasses validate and normalise their own options in :meth:`validate`; everything is checked at construction,
-    what depends on the model at ``apply`` (which first calls :meth:`resolve` with the model's family).
+    what depends on the model at ``apply`` (which first calls :meth:`resolve` with a view of the model).
     """
 
     max_downsample: int | str | None = field(default=None, kw_only=True)
@@ -92,10 +125,9 @@ class Method(ABC):
     def validate(self) -> None:  # noqa: B027 (optional: methods without options of their own)
         """Check and normalise this method's own options (raise ``TypeError``/``ValueError`` naming the option)."""
 
-    def resolve(self, family: str) -> Method:
-        """This configuration on a model of ``family`` (``"unet"`` or ``"dit"``, :attr:`Adapter.family`) with every
-        :data:`AUTO` option made concrete; raises ``ValueError`` if the concrete options conflict. Default:
-        ``max_downsample=AUTO`` becomes ``None``."""
+    def resolve(self, model: ModelView) -> Method:
+        """This configuration on ``model`` with every :data:`AUTO` option made concrete; raises ``ValueError`` if
+        the concrete options conflict. Default: ``max_downsample=AUTO`` becomes ``None``."""
         return dataclasses.replace(self, max_downsample=None) if is_auto(self.max_downsample) else self
 
     def _set(self, name: str, value: Any) -> None:

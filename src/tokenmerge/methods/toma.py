@@ -10,7 +10,18 @@ from typing import Any
 
 import torch
 
-from tokenmerge.methods.base import AUTO, FlagRoles, Method, PlanCache, check_ratio, check_tile, integer, is_auto, real
+from tokenmerge.methods.base import (
+    AUTO,
+    FlagRoles,
+    Method,
+    ModelView,
+    PlanCache,
+    check_ratio,
+    check_tile,
+    integer,
+    is_auto,
+    real,
+)
 from tokenmerge.ops.select import TIE_TOL
 from tokenmerge.ops.tiles import TileGrid
 from tokenmerge.ops.toma import MergedKV, TileMerge, toma_merge
@@ -118,17 +129,18 @@ class ToMA(FlagRoles, Method):
         if self.mode != AUTO and is_auto(self.max_downsample):
             self._set("max_downsample", None if self.mode == "kv" else 4)
 
-    def resolve(self, family: str) -> ToMA:
+    def resolve(self, model: ModelView) -> ToMA:
         """``mode="auto"`` made concrete: ``"kv"`` on a ``"unet"``, ``"tokens"`` on a ``"dit"`` (and
         ``max_downsample="auto"`` with it); raises ``ValueError`` naming the options that do not apply there."""
         if self.mode != AUTO:
             return self
+        family = model.layout.family
         mode = "kv" if family == "unet" else "tokens"
         try:
             return dataclasses.replace(self, mode=mode)
         except ValueError as error:
-            model = "a UNet" if family == "unet" else "a diffusion transformer"
-            raise ValueError(f"{self.describe()} on {model}: mode='auto' is {mode!r} there, and {error}") from None
+            where = "a UNet" if family == "unet" else "a diffusion transformer"
+            raise ValueError(f"{self.describe()} on {where}: mode='auto' is {mode!r} there, and {error}") from None
 
     @property
     def is_identity(self) -> bool:
