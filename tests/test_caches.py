@@ -31,7 +31,7 @@ from .conftest import generate
 STEPS = 4
 EVERY = {"blocks": {"double": (0, None), "single": (0, None)}}
 METHODS = {
-    "toma": lambda **kw: tm.ToMA(0.5, **kw),
+    "toma": lambda **kw: tm.ToMA(0.5, mode="tokens", **kw),
     "tomesd": lambda **kw: tm.ToMeSD(0.5, **kw),
     "catome": lambda **kw: tm.CAToMe(0.7, **kw),
     "todo": lambda **kw: tm.ToDo(2, **kw),

@@ -51,7 +51,7 @@ def test_attention_runs_on_fewer_tokens(pipe, attention_lengths) -> None:
 
 
 def test_attention_only_placement_keeps_cross_and_mlp_full(pipe, attention_lengths) -> None:
-    tm.apply(pipe, tm.ToMA(mode="tokens", ratio=0.5, merge_crossattn=False, merge_mlp=False))
+    tm.apply(pipe, tm.ToMA(mode="tokens", ratio=0.5, merge_crossattn=False, merge_mlp=False, max_downsample=4))
     generate(pipe)
     assert set(self_attention_queries(attention_lengths)) <= {128, 32, 8}
     cross = {q for q, k in attention_lengths if k == TEXT_LEN != q}
@@ -145,7 +145,8 @@ def test_reuse_across_blocks_and_steps(pipe, monkeypatch: pytest.MonkeyPatch) ->
     original = toma_module.toma_merge
 
     def spy(x, grid, ratio, tau, dest=None, *args):
-        made.append(dest is None)
+        if not x.is_meta:  # apply counts FLOPs on the model's weightless twin
+            made.append(dest is None)
         return original(x, grid, ratio, tau, dest, *args)
 
     monkeypatch.setattr(toma_module, "toma_merge", spy)

@@ -7,45 +7,39 @@ model (:class:`View`), checks it against the model, then installs a :class:`~tok
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from tokenmerge.adapters.base import Adapter
+from tokenmerge.adapters.base import CallShape
 from tokenmerge.caches import reset_caches
-from tokenmerge.methods.base import Layout, Method
-from tokenmerge.patch import PATCH_ATTR, Patch, adapter_for, find_denoiser, layout_of, place
-from tokenmerge.summary import Summary
+from tokenmerge.cost import Twin, View
+from tokenmerge.errors import describe
+from tokenmerge.methods.base import Method
+from tokenmerge.patch import PATCH_ATTR, Patch, adapter_for, find_denoiser, warn
+from tokenmerge.summary import FlopCut, Summary
 
 logger = logging.getLogger("tokenmerge")
+
+#: The smallest FLOP cut (of a merged call at the pipeline's default resolution) ``apply`` accepts without a warning.
+MIN_CUT = 0.10
 
 
 def _patch(obj: Any) -> Patch | None:
     return vars(find_denoiser(obj)).get(PATCH_ATTR)
 
 
-@dataclass(frozen=True)
-class View:
-    """A model as :meth:`Method.resolve` sees it (:class:`~tokenmerge.methods.base.ModelView`): its layout and
-    what its sites can take."""
-
-    adapter: Adapter
-
-    @property
-    def layout(self) -> Layout:
-        return layout_of(self.adapter)
-
-    def key_mask_problem(self, method: Method) -> str | None:
-        return next(filter(None, (s.key_mask_problem() for s in place(method, self.adapter))), None)
-
-
 def view_of(obj: Any) -> View:
-    """The :class:`View` of a pipeline's (or a denoiser's) model."""
-    return View(adapter_for(find_denoiser(obj)))
+    """The :class:`View` of a pipeline's (or a denoiser's) model at its default call: the pipeline's
+    ``default_call_shape`` if it has one (a :class:`~tokenmerge.adapters.base.CallShape`), else the model's native
+    resolution (:meth:`~tokenmerge.adapters.base.Adapter.native_shape`)."""
+    adapter = adapter_for(find_denoiser(obj))
+    shape = getattr(obj, "default_call_shape", None)
+    return View(adapter, shape if isinstance(shape, CallShape) else adapter.native_shape())
 
 
 def apply(obj: Any, method: Method) -> Any:
@@ -60,9 +54,9 @@ def apply(obj: Any, method: Method) -> Any:
     """
     if not isinstance(method, Method):
         raise TypeError(f"expected a tokenmerge method such as tm.ToMA(...), got {type(method).__name__}")
-    model = find_denoiser(obj)
-    adapter = adapter_for(model)
-    concrete = method.resolve(View(adapter))
+    view = view_of(obj)
+    model, adapter = view.adapter.model, view.adapter
+    concrete = method.resolve(view)
     if concrete != method:
         logger.info("%s on %s is %s", method.describe(), type(model).__name__, concrete.describe())
     method = concrete
@@ -75,7 +69,30 @@ def apply(obj: Any, method: Method) -> Any:
         return obj
     patch.install(None if isinstance(obj, nn.Module) else obj)
     setattr(model, PATCH_ATTR, patch)
+    if patch.sites:
+        report_cut(method, view)
     return obj
+
+
+def report_cut(method: Method, view: View) -> None:
+    """Log the FLOP cut of ``method``'s first merged call at the view's call shape; warn when it is under
+    :data:`MIN_CUT`, naming the configuration of :meth:`Method.cut_more` that cuts the most."""
+    ratio = view.flop_ratio(method)
+    if ratio is None:
+        return
+    model, (h, w) = type(view.adapter.model).__name__, view.shape.latent
+    bound = "at most " if method.content_adaptive else ""
+    where = f"a {model} call on a {h}x{w} latent"
+    if 1 - 1 / ratio >= MIN_CUT:
+        logger.info("%s cuts %s%.1f%% of the FLOPs of %s", method.describe(), bound, 100 * (1 - 1 / ratio), where)
+        return
+    found = [(r, m) for m in method.cut_more(view.layout) if (r := view.flop_ratio(m)) is not None and r > ratio]
+    hint = ""
+    if found:
+        best_ratio, best = max(found, key=lambda item: item[0])
+        hint = f"; {best.describe()} would cut {bound}{100 * (1 - 1 / best_ratio):.1f}%"
+    cut = f"{bound or 'only '}{100 * (1 - 1 / ratio):.1f}%"
+    warn(f"{method.describe()} cuts {cut} of the FLOPs of {where}{hint}")
 
 
 def remove(obj: Any) -> Any:
@@ -114,7 +131,29 @@ def summary(obj: Any) -> Summary:
     patch = _patch(obj)
     if patch is None:
         return Summary(model=type(find_denoiser(obj)).__name__, method=None)
-    return patch.summary()
+    return dataclasses.replace(patch.summary(), flops=last_call_flops(patch))
+
+
+def last_call_flops(patch: Patch) -> FlopCut | None:
+    """The :class:`~tokenmerge.summary.FlopCut` of the patch's last call (eager mode), or ``None``: counted on the
+    model's twin with the patch's method (content-adaptive methods: at the fraction its blocks merged), or unpatched
+    if the call merged nothing."""
+    shape, method = patch.last_shape, patch.method
+    if shape is None:
+        return None
+    fraction = None
+    if method.content_adaptive:
+        planned = [r for r in patch.runs if r.tokens_in is not None and r.tokens_out is not None and r.site.grid.hw]
+        mergeable = sum(method.mergeable(r.site.grid.hw) for r in planned)
+        fraction = round(sum(r.tokens_in - r.tokens_out for r in planned) / mergeable, 3) if mergeable else 0.0
+    try:
+        twin = Twin.of(patch.adapter.model)
+        full = twin.call(None, shape)
+        merged = twin.call(method, shape, fraction) if patch.counters.call_merged else full
+    except Exception as error:  # a model its config cannot rebuild on the meta device: no count
+        logger.info("FLOPs of %s not counted: %s", patch.name, describe(error))
+        return None
+    return FlopCut(shape, full, merged)
 
 
 def set_step(obj: Any, step: int) -> None:

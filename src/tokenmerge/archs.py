@@ -1,6 +1,7 @@
 """Built-in denoiser architectures (real sizes, random weights) and tiny pipelines for tests and smoke runs.
 
-Real-size configs mirror the published SD 1.5 and SDXL UNets: what latency and FLOP measurements need, without weights.
+Real-size configs mirror the published SD 1.5, SD 2.1, SDXL, Flux.1-dev, SD 3.5 medium / large and PixArt-Sigma
+denoisers: what latency and FLOP measurements need, without weights (:data:`REAL_SIZE`: their native resolutions).
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
         addition_embed_type="text_time",
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,
+    ),
+    "sd21": dict(
+        sample_size=96,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        layers_per_block=2,
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
     ),
     # Tiny layouts for tests: "tiny-sd15" has attention at the full latent resolution (like SD 1.5),
     # "tiny-sdxl" has none there and a text_time embedding (like SDXL).
@@ -166,8 +177,9 @@ def _tiny_t5_encoder(hidden: int, seed: int = 0) -> Any:
     return T5EncoderModel(config).eval()
 
 
-#: Tiny diffusion-transformer configs (random weights) for tests: Flux (packed 2x2 latents, rotary), SD3.5-like (block
-#: 0 has the extra self-attention ``attn2``, RMS qk-norm) and PixArt-alpha (``ada_norm_single``, learned sigma).
+#: Diffusion-transformer configs (random weights): the real-size Flux.1-dev, SD 3.5 medium / large and PixArt-Sigma,
+#: and tiny ones for tests: Flux (packed 2x2 latents, rotary), SD3.5-like (block 0 has the extra self-attention
+#: ``attn2``, RMS qk-norm) and PixArt-alpha (``ada_norm_single``, learned sigma).
 DIT_CONFIGS: dict[str, dict[str, Any]] = {
     # Real-size Flux.1-dev (12B parameters, random weights): for GPU latency runs.
     "flux-dev": dict(
@@ -181,6 +193,51 @@ DIT_CONFIGS: dict[str, dict[str, Any]] = {
         pooled_projection_dim=768,
         guidance_embeds=True,
         axes_dims_rope=(16, 56, 56),
+    ),
+    # Real-size SD 3.5 medium (MMDiT-X: dual attention in blocks 0-12) and large, PixArt-Sigma at 1024px.
+    "sd35-medium": dict(
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        num_layers=24,
+        attention_head_dim=64,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        caption_projection_dim=1536,
+        pooled_projection_dim=2048,
+        out_channels=16,
+        pos_embed_max_size=384,
+        dual_attention_layers=tuple(range(13)),
+        qk_norm="rms_norm",
+    ),
+    "sd35-large": dict(
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        num_layers=38,
+        attention_head_dim=64,
+        num_attention_heads=38,
+        joint_attention_dim=4096,
+        caption_projection_dim=2432,
+        pooled_projection_dim=2048,
+        out_channels=16,
+        pos_embed_max_size=192,
+        qk_norm="rms_norm",
+    ),
+    "pixart-sigma": dict(
+        sample_size=128,
+        num_layers=28,
+        attention_head_dim=72,
+        num_attention_heads=16,
+        in_channels=4,
+        out_channels=8,
+        patch_size=2,
+        cross_attention_dim=1152,
+        caption_channels=4096,
+        norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000,
+        use_additional_conditions=False,
+        interpolation_scale=2,
     ),
     "tiny-flux": dict(
         patch_size=1,
@@ -225,6 +282,18 @@ DIT_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+#: The real-size architectures: name -> native image side in pixels (each generates square images of that size).
+REAL_SIZE: dict[str, int] = {
+    "sd15": 512,
+    "sd21": 768,
+    "sdxl": 1024,
+    "flux-dev": 1024,
+    "sd35-medium": 1024,
+    "sd35-large": 1024,
+    "pixart-sigma": 1024,
+}
+
+
 def build_dit(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: Any) -> torch.nn.Module:
     """A Flux, SD3 or PixArt transformer of a built-in config (``overrides`` change it) with seeded random
     weights, in eval mode. The family is the name's first word after an optional ``tiny-``."""
@@ -235,7 +304,7 @@ def build_dit(name: str, dtype: torch.dtype = torch.float32, seed: int = 0, **ov
         raise ValueError(f"unknown architecture {name!r}; choose from {', '.join(DIT_CONFIGS)}")
     torch.manual_seed(seed)
     family = name.removeprefix("tiny-").split("-")[0]
-    model = classes[family](**{**DIT_CONFIGS[name], **overrides}).eval()
+    model = classes["sd3" if family.startswith("sd3") else family](**{**DIT_CONFIGS[name], **overrides}).eval()
     return model if dtype == torch.float32 else model.to(dtype)
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenmerge.adapters.base import Adapter, Site
+from tokenmerge.adapters.base import Adapter, CallShape, Site
 from tokenmerge.adapters.dit import PixArtAdapter, SD3Adapter
 from tokenmerge.adapters.flux import FluxAdapter
 from tokenmerge.adapters.unet import UNetAdapter
@@ -97,6 +97,8 @@ class Patch:
         self.warned: set[Unmerged] = set()
         self.handles: list[RemovableHandle] = []
         self.link: PipelineLink | None = None  # the pipeline's scheduler and progress bar, wrapped
+        self.merged_fraction: float | None = None  # FLOP counting on a twin: see Generation.merged_fraction
+        self.last_shape: CallShape | None = None  # of the last call (eager mode), for its FLOPs in the summary
 
     @property
     def sites(self) -> list[Site]:
@@ -108,17 +110,19 @@ class Patch:
 
     # ---- install / uninstall --------------------------------------------------------------------------------------
 
-    def install(self, pipeline: Any | None) -> None:
-        """Install the hooks (and on a ``pipeline``, the wrappers of its scheduler and progress bar)."""
+    def install(self, pipeline: Any | None, explain: bool = True) -> None:
+        """Install the hooks (and on a ``pipeline``, the wrappers of its scheduler and progress bar); ``explain``:
+        log what is patched (warn if nothing)."""
         model = self.adapter.model
         self.handles.append(model.register_forward_pre_hook(self.on_call, with_kwargs=True))
-        self.handles.append(model.register_forward_hook(self.on_return))
+        self.handles.append(model.register_forward_hook(self.on_return, with_kwargs=True))
         self.handles += self.adapter.install_grid_hooks(self.sites)
         for run in self.runs:
             self.handles += install_block(run, self, self.method.roles, self.method.keys_values)
         if pipeline is not None:
             self.link = PipelineLink(pipeline, self)
-        explain_placement(self.method, self.adapter, self.sites)
+        if explain:
+            explain_placement(self.method, self.adapter, self.sites)
 
     def uninstall(self) -> None:
         for handle in self.handles:
@@ -145,13 +149,14 @@ class Patch:
         if not torch.compiler.is_compiling():
             self.counters.begin_call()
 
-    def on_return(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def on_return(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         for run in self.runs:  # blocks that a step cache skipped were never planned
             run.pending = None
         if not torch.compiler.is_compiling():
             if self.runs and not self.counters.planned:
                 self.counters.block(False, Unmerged.SKIPPED)
             self.counters.end_call(self.tracker.step)
+            self.last_shape = self.adapter.call_shape(args, kwargs)
 
     def start_generation(self, key: tuple[int, ...]) -> None:
         """Calls of shape ``key`` start a generation (or a new input shape): every cache starts empty."""
@@ -161,7 +166,7 @@ class Patch:
             self.counters.start_generation()
         link = self.link
         self.tracker.start_generation(key, link.begin_index() if link else None, link.order() if link else 1)
-        self.generation = Generation(num_steps=self.tracker.run_steps)
+        self.generation = Generation(num_steps=self.tracker.run_steps, merged_fraction=self.merged_fraction)
         self.caches = {}
         self.adapter.start_generation()
 
@@ -187,7 +192,7 @@ class Patch:
         for reason in reasons if self.method.roles else ():
             if reason not in self.warned:
                 self.warned.add(reason)
-                _warn(f"{self.method.describe()} merged nothing in a generation of {self.name}: {reason.value}")
+                warn(f"{self.method.describe()} merged nothing in a generation of {self.name}: {reason.value}")
 
     def scheduled(self, timesteps: torch.Tensor | None, can_step: bool) -> None:
         self.finish_generation()
@@ -300,9 +305,10 @@ def explain_placement(method: Method, adapter: Adapter, sites: list[Site]) -> No
     else:
         kinds = ", ".join(f"{k}: {n} blocks" for k, n in Counter(s.kind for s in candidates).items())
         why = f"blocks={method.blocks!r} selects none of its blocks ({kinds}): change blocks="
-    _warn(f"{method.describe()} patches no block of this {model}: {why}")
+    warn(f"{method.describe()} patches no block of this {model}: {why}")
 
 
-def _warn(message: str) -> None:
+def warn(message: str) -> None:
+    """Warn through ``warnings`` (a ``UserWarning``) and the ``tokenmerge`` logger."""
     logger.warning("%s", message)
     warnings.warn(f"tokenmerge: {message}", UserWarning, stacklevel=3)

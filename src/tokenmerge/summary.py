@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
 
-from tokenmerge.adapters.base import Site
+from tokenmerge.adapters.base import CallShape, Site
 from tokenmerge.hooks import BlockRun
 from tokenmerge.methods.base import ROLES, Method
 
@@ -90,13 +90,37 @@ class BlockSummary:
 
 
 @dataclass(frozen=True)
+class FlopCut:
+    """FLOPs of the last denoiser call (of ``shape``) as it ran (``merged``) and unpatched (``full``), counted exactly
+    on the model's weightless twin (:mod:`tokenmerge.cost`) from the call's shapes (content-adaptive methods: at the
+    fraction of tokens their blocks merged)."""
+
+    shape: CallShape
+    full: int
+    merged: int
+
+    @property
+    def cut(self) -> float:
+        """The fraction of the FLOPs saved, ``1 - merged / full``."""
+        return 1 - self.merged / self.full if self.full else 0.0
+
+    def __str__(self) -> str:
+        h, w = self.shape.latent
+        return (
+            f"FLOPs of the last call ({self.shape.batch} x {h}x{w} latent): {self.merged / 1e9:.4g} of "
+            f"{self.full / 1e9:.4g} GFLOP unmerged ({100 * self.cut:.1f}% cut)"
+        )
+
+
+@dataclass(frozen=True)
 class Summary:
     """What ``tm.apply`` patched and what the patched model did (see :func:`tokenmerge.summary`).
 
     ``calls``: denoiser calls since ``apply``, ``merged_calls`` of them with at least one block on fewer tokens, and
     ``unmerged``: why the others merged nothing (reason -> calls). ``steps_run`` / ``steps_merged``: steps of the
     current or last generation. Call and step counters are kept in eager mode only (``counted`` is False when calls
-    ran compiled: blocks reported tokens but no call was counted).
+    ran compiled: blocks reported tokens but no call was counted). ``flops``: the FLOP cut of the last call (eager
+    mode; ``None`` before a call or where the model's twin cannot be counted).
     """
 
     model: str
@@ -109,6 +133,7 @@ class Summary:
     steps_run: int = 0
     steps_merged: int = 0
     counted: bool = True
+    flops: FlopCut | None = None
 
     @property
     def applied(self) -> bool:
@@ -129,6 +154,8 @@ class Summary:
             why = "; ".join(f"{n} x {reason}" for reason, n in self.unmerged.items())
             lines.append(f"calls: {self.calls}, merged: {self.merged_calls}" + (f", unmerged: {why}" if why else ""))
             lines.append(f"last generation: {self.steps_merged} of {self.steps_run} steps merged")
+        if self.flops is not None:
+            lines.append(str(self.flops))
         if self.blocks:
             rows = [("block", "group", "down", "merged", "tokens in", "tokens out")]
             rows += [

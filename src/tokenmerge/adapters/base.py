@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -122,12 +123,36 @@ def attention_backend(processor: Any) -> str | None:
     return str(getattr(backend, "value", backend))
 
 
+@dataclass(frozen=True)
+class CallShape:
+    """The size of one denoiser call: ``batch`` samples on a ``latent`` grid ``(H, W)`` (Flux: the packed token grid)
+    with ``text`` text tokens."""
+
+    batch: int
+    latent: tuple[int, int]
+    text: int
+
+
+def example_tensor(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: Any = None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """Standard-normal values drawn on the CPU from ``generator`` (``None``: zeros, e.g. on the meta device)."""
+    if generator is None:
+        return torch.zeros(shape, device=device, dtype=dtype)
+    return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
+
+
 class Adapter(ABC):
     """Knows where a denoiser's blocks, grids and call arguments are; one subclass per model family."""
 
-    #: ``"unet"`` (blocks placed by ``max_downsample``) or ``"dit"`` (a diffusion transformer: placed by ``blocks``);
-    #: methods whose defaults differ per family resolve them against it (:meth:`Method.resolve`).
+    #: ``"unet"`` (blocks placed by ``max_downsample``) or ``"dit"`` (a diffusion transformer: placed by ``blocks``).
     family: ClassVar[str] = "dit"
+    #: Image pixels per latent cell along each side (the VAE's 8; Flux packs 2x2 latents into a token: 16).
+    pixels_per_cell: ClassVar[int] = 8
+    #: Text tokens of a call at the pipelines' default prompt length.
+    text_tokens: ClassVar[int] = 77
+    #: Position of ``encoder_hidden_states`` among the forward's arguments.
+    text_index: ClassVar[int] = 1
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -176,6 +201,37 @@ class Adapter(ABC):
 
     def start_generation(self) -> None:  # noqa: B027 (optional hook: most adapters keep nothing per generation)
         """Forget what the adapter read for the previous generation (called at every new generation or shape)."""
+
+    def native_shape(self, batch: int = 1) -> CallShape:
+        """The call shape at the model's native resolution: its config's ``sample_size`` latent (1024 pixels when it
+        has none) with :attr:`text_tokens`."""
+        side = getattr(self.model.config, "sample_size", None) or 1024 // self.pixels_per_cell
+        side = side[0] if isinstance(side, list | tuple) else int(side)
+        return CallShape(batch, (side, side), self.text_tokens)
+
+    def shape_at(self, height: int, width: int, batch: int = 1) -> CallShape:
+        """The call shape of a ``height x width`` pixel image (sides a multiple of :attr:`pixels_per_cell`)."""
+        cell = self.pixels_per_cell
+        if height % cell or width % cell:
+            raise ValueError(f"{type(self.model).__name__} takes images whose sides are multiples of {cell} pixels")
+        return CallShape(batch, (height // cell, width // cell), self.text_tokens)
+
+    @abstractmethod
+    def example_inputs(
+        self, shape: CallShape, generator: torch.Generator | None = None, device: Any = None, dtype: Any = None
+    ) -> dict[str, Any]:
+        """Keyword inputs of one call of ``shape`` (:func:`example_tensor`: random from ``generator``, else zeros, e.g.
+        on the meta device; float tensors in ``dtype``)."""
+
+    def call_shape(self, args: tuple, kwargs: dict) -> CallShape | None:
+        """The :class:`CallShape` of a call from its arguments' shapes (no values read), or ``None``. Default: a
+        ``(B, C, H, W)`` latent ``hidden_states`` (or ``sample``) with ``encoder_hidden_states`` ``(B, T, D)``."""
+        x = kwargs.get("hidden_states", kwargs.get("sample", args[0] if args else None))
+        text = call_arg(args, kwargs, "encoder_hidden_states", self.text_index)
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            return None
+        tokens = text.shape[1] if isinstance(text, torch.Tensor) and text.ndim == 3 else 0
+        return CallShape(x.shape[0], (x.shape[-2], x.shape[-1]), tokens)
 
     @abstractmethod
     def call_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], Any]:

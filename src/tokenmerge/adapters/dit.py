@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenmerge.adapters.base import Adapter, Blocks, GridSlot, Site, call_arg
+from tokenmerge.adapters.base import Adapter, Blocks, CallShape, GridSlot, Site, call_arg, example_tensor
 
 
 class _PatchGridAdapter(Adapter):
@@ -79,6 +79,18 @@ class SD3Adapter(_PatchGridAdapter):
     and ``mlp`` (the image feed-forward). Every block by default."""
 
     kind = "joint"
+    text_tokens = 333  # 77 CLIP + 256 T5 tokens
+
+    def example_inputs(
+        self, shape: CallShape, generator: torch.Generator | None = None, device: Any = None, dtype: Any = None
+    ) -> dict[str, Any]:
+        cfg, b = self.model.config, shape.batch
+        return dict(
+            hidden_states=example_tensor((b, cfg.in_channels, *shape.latent), generator, device, dtype),
+            encoder_hidden_states=example_tensor((b, shape.text, cfg.joint_attention_dim), generator, device, dtype),
+            pooled_projections=example_tensor((b, cfg.pooled_projection_dim), generator, device, dtype),
+            timestep=torch.full((b,), 500.0, device=device),
+        )
 
     def block_modules(self, block: nn.Module) -> tuple[dict[str, nn.Module], dict[str, list[nn.Module]]]:
         extra = {"attn": [block.attn2]} if getattr(block, "attn2", None) is not None else {}
@@ -91,6 +103,26 @@ class PixArtAdapter(_PatchGridAdapter):
 
     kind = "blocks"
     timestep_index = 2
+    text_tokens = 300  # PixArt-Sigma's T5 prompt length
+
+    def example_inputs(
+        self, shape: CallShape, generator: torch.Generator | None = None, device: Any = None, dtype: Any = None
+    ) -> dict[str, Any]:
+        """Latent, caption, timestep 500 and ``added_cond_kwargs`` (image size and aspect ratio where the model takes
+        them)."""
+        cfg, b, (h, w) = self.model.config, shape.batch, shape.latent
+        added = {"resolution": None, "aspect_ratio": None}
+        if self.model.use_additional_conditions:
+            added = {
+                "resolution": torch.tensor([[h * 8.0, w * 8.0]] * b, device=device, dtype=dtype),
+                "aspect_ratio": torch.tensor([[h / w]] * b, device=device, dtype=dtype),
+            }
+        return dict(
+            hidden_states=example_tensor((b, cfg.in_channels, h, w), generator, device, dtype),
+            encoder_hidden_states=example_tensor((b, shape.text, cfg.caption_channels), generator, device, dtype),
+            timestep=torch.full((b,), 500.0, device=device),
+            added_cond_kwargs=added,
+        )
 
     def block_modules(self, block: nn.Module) -> tuple[dict[str, nn.Module], dict[str, list[nn.Module]]]:
         modules = {"attn": block.attn1, "mlp": block.ff}

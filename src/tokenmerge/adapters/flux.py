@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenmerge.adapters.base import Adapter, Blocks, GridSlot, Site, call_arg
+from tokenmerge.adapters.base import Adapter, Blocks, CallShape, GridSlot, Site, call_arg, example_tensor
 from tokenmerge.plans import KVPlan
 
 
@@ -110,11 +110,40 @@ def default_full(kind: str, count: int) -> int:
 
 class FluxAdapter(Adapter):
     """Sites ``transformer_blocks.i`` (kind/group ``double``) and ``single_transformer_blocks.i`` (``single``),
-    at downsample 1; by default the first blocks of each kind stay full (:func:`default_full`)."""
+    at downsample 1; by default the first blocks of each kind stay full (:func:`default_full`).
+
+    Position ids on the meta device (FLOP counting on a weightless twin) carry no values: the grid of the last
+    :meth:`example_inputs` built there stands in for theirs."""
+
+    pixels_per_cell = 16
+    text_tokens = 512
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         self.slot = RotarySlot()
+        self.meta_grid: tuple[int, int] | None = None
+
+    def example_inputs(
+        self, shape: CallShape, generator: torch.Generator | None = None, device: Any = None, dtype: Any = None
+    ) -> dict[str, Any]:
+        """Packed latent tokens, T5 text, pooled CLIP text, timestep 0.5, row-major ``img_ids`` (and ``guidance``
+        3.5 for guidance-distilled models)."""
+        cfg, b, (h, w) = self.model.config, shape.batch, shape.latent
+        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
+        if torch.device(device or "cpu").type == "meta":
+            self.meta_grid = (h, w)
+        inputs: dict[str, Any] = dict(
+            hidden_states=example_tensor((b, h * w, cfg.in_channels), generator, device, dtype),
+            encoder_hidden_states=example_tensor((b, shape.text, cfg.joint_attention_dim), generator, device, dtype),
+            pooled_projections=example_tensor((b, cfg.pooled_projection_dim), generator, device, dtype),
+            timestep=torch.full((b,), 0.5, device=device, dtype=dtype),
+            img_ids=img_ids.to(device),
+            txt_ids=torch.zeros(shape.text, 3, device=device),
+        )
+        if cfg.guidance_embeds:
+            inputs["guidance"] = torch.full((b,), 3.5, device=device, dtype=dtype)
+        return inputs
 
     def default_blocks(self) -> Blocks:
         counts = {"double": len(self.model.transformer_blocks), "single": len(self.model.single_transformer_blocks)}
@@ -180,6 +209,8 @@ class FluxAdapter(Adapter):
         x, ids = call_arg(args, kwargs, "hidden_states", 0), call_arg(args, kwargs, "img_ids", 4)
         if not (isinstance(x, torch.Tensor) and x.ndim == 3 and isinstance(ids, torch.Tensor)):
             slot.hw = None
+        elif ids.is_meta:
+            slot.hw = self.meta_grid if self.meta_grid and self.meta_grid[0] * self.meta_grid[1] == x.shape[1] else None
         elif not slot.current or not torch.compiler.is_compiling():
             slot.hw, slot.current = _eager_grid(ids, x.shape[1]), True
         slot.freqs = None
@@ -191,6 +222,14 @@ class FluxAdapter(Adapter):
 
     def start_generation(self) -> None:
         self.slot.current = False
+
+    def call_shape(self, args: tuple, kwargs: dict) -> CallShape | None:
+        """Packed tokens ``(B, N, C)`` on the grid read from ``img_ids`` for this call, and the T5 text length."""
+        x, text = call_arg(args, kwargs, "hidden_states", 0), call_arg(args, kwargs, "encoder_hidden_states", 1)
+        if not isinstance(x, torch.Tensor) or x.ndim != 3 or self.slot.hw is None:
+            return None
+        tokens = text.shape[1] if isinstance(text, torch.Tensor) and text.ndim == 3 else 0
+        return CallShape(x.shape[0], self.slot.hw, tokens)
 
     def call_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], Any]:
         x, t = call_arg(args, kwargs, "hidden_states", 0), call_arg(args, kwargs, "timestep", 3)

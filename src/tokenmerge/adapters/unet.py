@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenmerge.adapters.base import Adapter, GridSlot, Site
+from tokenmerge.adapters.base import Adapter, CallShape, GridSlot, Site, example_tensor
 
 
 @dataclass(eq=False)
@@ -31,6 +31,7 @@ class UNetAdapter(Adapter):
     """
 
     family = "unet"
+    text_index = 2
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -72,6 +73,29 @@ class UNetAdapter(Adapter):
             for slot, owner in self._owners
             if id(slot) in used
         ]
+
+    def example_inputs(
+        self, shape: CallShape, generator: torch.Generator | None = None, device: Any = None, dtype: Any = None
+    ) -> dict[str, Any]:
+        """``sample``, ``timestep`` 500, ``encoder_hidden_states`` and, for SDXL's text_time embedding,
+        ``added_cond_kwargs`` (pooled text and the size ``time_ids``)."""
+        cfg, b, (h, w) = self.model.config, shape.batch, shape.latent
+
+        def tensor(*size: int) -> torch.Tensor:
+            return example_tensor(size, generator, device, dtype)
+
+        inputs: dict[str, Any] = dict(
+            sample=tensor(b, cfg.in_channels, h, w),
+            timestep=torch.tensor(500, device=device),
+            encoder_hidden_states=tensor(b, shape.text, cfg.cross_attention_dim),
+        )
+        if cfg.addition_embed_type == "text_time":
+            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            size = [h * 8, w * 8, 0, 0, h * 8, w * 8]
+            inputs["added_cond_kwargs"] = dict(
+                text_embeds=tensor(b, pooled), time_ids=torch.tensor([size] * b, device=device, dtype=dtype)
+            )
+        return inputs
 
     def call_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple[int, ...], Any]:
         sample = args[0] if args else kwargs["sample"]

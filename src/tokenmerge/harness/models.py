@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
+from tokenmerge.adapters.base import CallShape
 from tokenmerge.errors import HarnessError, describe
+from tokenmerge.patch import adapter_for
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DENOISERS = ("UNet2DConditionModel", "FluxTransformer2DModel", "SD3Transformer2DModel", "PixArtTransformer2DModel")
@@ -152,41 +154,10 @@ def denoiser_inputs(
 ) -> dict[str, Any]:
     """Random keyword inputs for one call of a UNet, Flux, SD3 or PixArt denoiser on a ``height x width`` latent
     (Flux: the packed token grid), with ``text`` text tokens (UNets: always 77)."""
-    from tokenmerge.archs import unet_inputs
-
-    kind = type(model).__name__
-    if kind == "UNet2DConditionModel":
-        return unet_inputs(model, batch, height, width, seed=seed)
-    cfg, dtype = model.config, model.dtype
-    g = torch.Generator().manual_seed(seed)
-    timestep = torch.full((batch,), 500.0 if kind != "FluxTransformer2DModel" else 0.5)
-    if kind == "FluxTransformer2DModel":
-        rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
-        inputs: dict[str, Any] = dict(
-            hidden_states=torch.randn(batch, height * width, cfg.in_channels, generator=g).to(dtype),
-            encoder_hidden_states=torch.randn(batch, text, cfg.joint_attention_dim, generator=g).to(dtype),
-            pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g).to(dtype),
-            timestep=timestep.to(dtype),
-            img_ids=img_ids,
-            txt_ids=torch.zeros(text, 3),
-        )
-        if cfg.guidance_embeds:
-            inputs["guidance"] = torch.full((batch,), 3.5).to(dtype)
-        return inputs
-    sample = torch.randn(batch, cfg.in_channels, height, width, generator=g).to(dtype)
-    if kind == "SD3Transformer2DModel":
-        return dict(
-            hidden_states=sample,
-            encoder_hidden_states=torch.randn(batch, text, cfg.joint_attention_dim, generator=g).to(dtype),
-            pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g).to(dtype),
-            timestep=timestep,
-        )
-    if kind == "PixArtTransformer2DModel":
-        return dict(
-            hidden_states=sample,
-            encoder_hidden_states=torch.randn(batch, text, cfg.caption_channels, generator=g).to(dtype),
-            timestep=timestep,
-            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-        )
-    raise HarnessError(f"no input builder for {kind}; supported: {', '.join(DENOISERS)}")
+    try:
+        adapter = adapter_for(model)
+    except ValueError:
+        raise HarnessError(f"no input builder for {type(model).__name__}; supported: {', '.join(DENOISERS)}") from None
+    text = 77 if adapter.family == "unet" else text
+    generator = torch.Generator().manual_seed(seed)
+    return adapter.example_inputs(CallShape(batch, (height, width), text), generator, dtype=model.dtype)

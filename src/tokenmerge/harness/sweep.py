@@ -92,12 +92,6 @@ def layout_of(target: Any) -> Layout:
     return view_of(target).layout
 
 
-def _every(layout: Layout) -> Options:
-    if layout.family == "unet":
-        return {"max_downsample": max(layout.levels, default=1)}
-    return {"blocks": {kind: (0, None) for kind in layout.kinds}}
-
-
 #: Named placements: layout -> the options that place a method there, or ``None`` where the layout has no such place.
 PLACEMENTS: dict[str, Callable[[Layout], Options | None]] = {
     "model": lambda layout: {},  # the method's own default placement (plus the model's method defaults)
@@ -105,7 +99,7 @@ PLACEMENTS: dict[str, Callable[[Layout], Options | None]] = {
     "two": lambda layout: (
         {"max_downsample": 2} if layout.family == "unet" and max(layout.levels, default=1) > 1 else None
     ),
-    "every": _every,
+    "every": Layout.everywhere,
     "late": lambda layout: (
         {"blocks": {kind: (n // 2, None) for kind, n in layout.kinds.items()}} if layout.family == "dit" else None
     ),

@@ -35,6 +35,12 @@ class Layout:
     levels: tuple[int, ...] = ()
     kinds: Mapping[str, int] = field(default_factory=dict)
 
+    def everywhere(self) -> dict[str, Any]:
+        """The options that place a method at every block: every UNet level, every block of every DiT kind."""
+        if self.family == "unet":
+            return {"max_downsample": max(self.levels, default=1)}
+        return {"blocks": {kind: (0, None) for kind in self.kinds}}
+
 
 class ModelView(Protocol):
     """What :meth:`Method.resolve` may ask about the model a method is applied to (built by ``tm.apply`` from the
@@ -45,6 +51,11 @@ class ModelView(Protocol):
 
     def key_mask_problem(self, method: Method) -> str | None:
         """Why a self-attention that the concrete ``method`` would patch cannot take a key mask, or ``None``."""
+
+    def flop_ratio(self, method: Method) -> float | None:
+        """FLOPs of an unpatched denoiser call at the model's native resolution over those of its first merged call
+        with the concrete ``method`` (content-adaptive methods: the most they can cut), or ``None`` when they cannot
+        be counted."""
 
 
 @dataclass(frozen=True)
@@ -57,15 +68,24 @@ class LayoutView:
     def key_mask_problem(self, method: Method) -> str | None:
         return None
 
+    def flop_ratio(self, method: Method) -> float | None:
+        return None
+
 
 @dataclass(eq=False)
 class Generation:
     """What every block shares during one generation (made new at each): the steps it runs (the scheduler's count
     less those an img2img ``strength`` skips; ``None`` for a bare denoiser) and a random generator methods draw from
-    in block call order (made at the first draw)."""
+    in block call order (made at the first draw).
+
+    ``merged_fraction``: set when FLOPs are counted on a weightless twin (meta tensors carry no similarities):
+    methods whose merge count depends on the content (CA-ToMe's threshold) merge this fraction of their candidate
+    sources instead, so that the count is exact for that fraction.
+    """
 
     num_steps: int | None = None
     rng: torch.Generator | None = None
+    merged_fraction: float | None = None
 
 
 @dataclass(eq=False)
@@ -109,6 +129,9 @@ class Method(ABC):
     #: True for keys/values methods (plans are :class:`~tokenmerge.plans.KVPlan`): hooked at the self-attention's
     #: key and value projections instead of merging sub-module inputs.
     keys_values: ClassVar[bool] = False
+    #: True when how many tokens merge depends on the content (a similarity threshold): FLOPs are then counted at a
+    #: given fraction of the candidates merged (:attr:`Generation.merged_fraction`).
+    content_adaptive: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -153,6 +176,19 @@ class Method(ABC):
         """True when the configuration changes nothing (e.g. ratio 0): the model is left unpatched."""
         return False
 
+    def mergeable(self, grid: tuple[int, int]) -> int:
+        """At most how many of a block's tokens on ``grid`` a plan merges away (a content-adaptive method's merged
+        fraction is of these). Default: all of them."""
+        return grid[0] * grid[1]
+
+    def cut_more(self, layout: Layout) -> list[Method]:
+        """Configurations of this method that run more of a model of ``layout`` on fewer tokens, most faithful first
+        (named when this one cuts too little of the model's FLOPs). Default: every block."""
+        try:
+            return [dataclasses.replace(self, **layout.everywhere())]
+        except ValueError:
+            return []
+
     @property
     def key_mask_option(self) -> tuple[str, str] | None:
         """When plans may carry a ``key_bias`` (the patched self-attentions must then take a mask): the option that
@@ -166,6 +202,10 @@ class Method(ABC):
 
     def active(self, step: int) -> bool:
         return self.steps is None or step in self.steps
+
+    def first_active(self, limit: int = 1000) -> int | None:
+        """The first 0-based step (below ``limit``) at which merging is active, or ``None``."""
+        return next((step for step in range(limit) if self.active(step)), None)
 
     def phase(self, step: int, num_steps: int | None) -> Hashable:
         """What a plan at 0-based ``step`` of a ``num_steps`` generation depends on, handed to :meth:`plan`.
@@ -192,6 +232,17 @@ class FlagRoles:
     merge_attn: bool
     merge_crossattn: bool
     merge_mlp: bool
+
+    def cut_more(self, layout: Layout) -> list[Method]:
+        """Whole blocks (every flag set) where this is placed, then at every block."""
+        whole = {"merge_attn": True, "merge_crossattn": True, "merge_mlp": True}
+        out = []
+        for options in (whole, {**whole, **layout.everywhere()}):
+            try:
+                out.append(dataclasses.replace(self, **options))  # type: ignore[type-var]
+            except ValueError:
+                pass
+        return out
 
     @property
     def roles(self) -> frozenset[str]:

@@ -85,6 +85,7 @@ class CAToMe(CellMethod):
 
     cache_scope = "block"
     cache_type = PairCache
+    content_adaptive = True
 
     def validate(self) -> None:
         super().validate()
@@ -138,10 +139,16 @@ class CAToMe(CellMethod):
             return None
         dst = self.destinations(x, grid, cache.generation)
         src, best, match = bipartite_match(x, dst)
+        fraction = cache.generation.merged_fraction
+        if fraction is not None:  # counting FLOPs at a given merged fraction (see Generation)
+            r = round(fraction * src.numel())
+            rows = min(n, -(-(n - r) // self.bucket) * self.bucket)
+            key_bias = self.batch == "sample"
+            return slot_merge(n, dst, src, match, top_sources(best, r), x.dtype, key_bias=key_bias, rows=rows)
         above = best >= self.threshold
         if self.batch == "sample":
             return slot_merge(n, dst, src, match, above, x.dtype, self.bucket, key_bias=True)
         counts = above.sum(-1)
         r = int(counts.max() if self.batch == "max" else counts.min())
         rows = min(n, -(-(n - r) // self.bucket) * self.bucket)
-        return slot_merge(n, dst, src, match, top_sources(best, n - rows), x.dtype, key_bias=False)
+        return slot_merge(n, dst, src, match, top_sources(best, n - rows), x.dtype, key_bias=False, rows=rows)

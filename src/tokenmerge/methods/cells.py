@@ -67,6 +67,11 @@ class CellMethod(FlagRoles, Method):
         if self.seed is not None:
             self._set("seed", integer("seed", self.seed))
 
+    def mergeable(self, grid: tuple[int, int]) -> int:
+        """The sources: every token but one destination per full cell."""
+        h, w = grid
+        return h * w - (h // self.sy) * (w // self.sx)
+
     def destinations(self, x: torch.Tensor, grid: tuple[int, int], generation: Generation) -> torch.Tensor:
         """``(D,)`` grid indices of one destination per full cell of ``grid`` (random per generation unless
         ``use_rand`` is off or the batch is odd)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import torch
 from tokenmerge.methods.base import (
     AUTO,
     FlagRoles,
+    Layout,
     Method,
     ModelView,
     PlanCache,
@@ -25,6 +27,17 @@ from tokenmerge.methods.base import (
 from tokenmerge.ops.select import TIE_TOL
 from tokenmerge.ops.tiles import TileGrid
 from tokenmerge.ops.toma import MergedKV, TileMerge, toma_merge
+
+logger = logging.getLogger("tokenmerge")
+
+#: The FLOP ratio (unpatched / merged call) :meth:`ToMA.resolve` aims for with the default ``mode="auto"``.
+FLOP_GOAL = 1.5
+#: The ratio at which :meth:`ToMA.resolve` compares its candidates: mode and placement depend on the model, not on
+#: ``ratio``, so that a larger ratio merges more in the same blocks.
+DECIDING_RATIO = 0.5
+#: Where no candidate reaches :data:`FLOP_GOAL`, a less faithful one is taken only if it cuts this much more (a
+#: relative gain in the FLOP ratio): SD 1.5's mid block adds 0.3% and is left full.
+MIN_GAIN = 0.01
 
 
 @dataclass(eq=False)
@@ -41,11 +54,14 @@ class ToMACache(PlanCache):
 class ToMA(FlagRoles, Method):
     """Token Merge with Attention.
 
-    The default, ``mode="auto"``, is the measured best trade-off of each model family (docs/benchmarks.md, "Why each
-    default"): on a UNet, ``mode="kv"`` at its finest level (every query kept; the self-attention's keys and values
-    from half of the tokens, chosen per 4x4 tile by facility location; ToDo's placement with ToMA's adaptive choice
-    of keys); on a diffusion transformer, ``mode="tokens"`` (whole blocks run on merged tokens, outputs unmerged).
-    Whole-block tokens mode on a UNet is faster and much less faithful (``mode="tokens"``).
+    The defaults ``mode="auto"`` and ``max_downsample="auto"`` are made concrete per model at ``apply``
+    (:meth:`resolve`) from where its work is: the FLOPs of its first merged call at its native resolution, counted
+    exactly on a weightless twin (:mod:`tokenmerge.cost`). Candidates, most faithful first: keys/values at the finest
+    level (every query kept; the self-attention's keys and values from the tokens facility location picks per
+    tile), then tokens mode (the merged sub-modules run on merged tokens, outputs unmerged) on growing sets of UNet
+    levels from the finest (diffusion transformers: the adapter's default blocks). The first that cuts the FLOPs by
+    :data:`FLOP_GOAL` is taken, else the one that cuts the most. On attention-heavy toys keys/values mode qualifies;
+    on SD 1.5, SDXL, Flux, SD 3.5 and PixArt only tokens mode does.
 
     Args:
         ratio: fraction of tokens removed in each tile, in ``[0, 1)``; 0 leaves the model untouched.
@@ -67,8 +83,7 @@ class ToMA(FlagRoles, Method):
             there is an error.
         mode: ``"tokens"``: the merged sub-modules run on merged tokens, their outputs unmerged; ``"kv"``: every
             query kept, the self-attention's keys and values taken from ToMA's selection, nothing to unmerge;
-            ``"auto"`` (default): ``"kv"`` on UNets, ``"tokens"`` on diffusion transformers, made concrete at
-            ``apply`` (:meth:`resolve`).
+            ``"auto"`` (default): chosen per model at ``apply`` (:meth:`resolve`).
         kv_tokens: ``mode="kv"`` only: keys and values projected from the ``"destinations"`` themselves (``x[D]``,
             no averaging) or from the ``"merged"`` tokens ``M x`` (weighted means of each destination's sources).
         dest_every: recompute destinations every this many merged steps (reused in between).
@@ -77,7 +92,7 @@ class ToMA(FlagRoles, Method):
         max_downsample: (keyword) merge in blocks whose grid is at most this many times smaller than the latent
             (4: the 64x64, 32x32 and 16x16-token levels of SD 1.5 at 512px, and both attention levels of SDXL);
             ``None``: the finest level that has attention (SD 1.x: 1, SDXL: 2; ToDo's placement); ``"auto"``
-            (default): 4 in tokens mode (the authors' placement), ``None`` in kv mode.
+            (default): chosen with the mode by :meth:`resolve` (keys/values mode: the finest level).
         merge_every: merge at steps 0, ``merge_every``, 2 ``merge_every``, ... only and run the full model in
             between (the authors' schedule: 3, see :meth:`authors_schedule`).
         steps: (keyword) 0-based denoising steps at which merging is active (``None``: all; with ``merge_every``,
@@ -126,25 +141,65 @@ class ToMA(FlagRoles, Method):
             )
         if self.mode == "tokens" and self.kv_tokens != "destinations":
             raise ValueError(f"kv_tokens={self.kv_tokens!r} applies in mode='kv' only")
-        if self.mode != AUTO and is_auto(self.max_downsample):
-            self._set("max_downsample", None if self.mode == "kv" else 4)
+        if self.mode == "kv" and is_auto(self.max_downsample):
+            self._set("max_downsample", None)
 
     def resolve(self, model: ModelView) -> ToMA:
-        """``mode="auto"`` made concrete: ``"kv"`` on a ``"unet"``, ``"tokens"`` on a ``"dit"`` (and
-        ``max_downsample="auto"`` with it); raises ``ValueError`` naming the options that do not apply there."""
-        if self.mode != AUTO:
-            return self
-        family = model.layout.family
-        mode = "kv" if family == "unet" else "tokens"
-        try:
-            return dataclasses.replace(self, mode=mode)
-        except ValueError as error:
-            where = "a UNet" if family == "unet" else "a diffusion transformer"
-            raise ValueError(f"{self.describe()} on {where}: mode='auto' is {mode!r} there, and {error}") from None
+        """``mode`` and ``max_downsample`` left ``"auto"`` made concrete for ``model``: the first of
+        :meth:`candidates` whose merged call at ratio :data:`DECIDING_RATIO` cuts the FLOPs by :data:`FLOP_GOAL`
+        (``model.flop_ratio``), else the one
+        that cuts the most (by more than :data:`MIN_GAIN` over a more faithful one); where FLOPs cannot be counted,
+        tokens mode at levels up to 4 (the authors' placement)."""
+        candidates = self.candidates(model.layout)
+        if len(candidates) == 1:
+            return candidates[0]
+        best, best_ratio = None, 0.0
+        for candidate in candidates:
+            ratio = model.flop_ratio(dataclasses.replace(candidate, ratio=DECIDING_RATIO))
+            if ratio is None:
+                fallback = dataclasses.replace(self, mode="tokens", max_downsample=4)
+                logger.warning("%s: FLOPs not counted; using %s", self.describe(), fallback.describe())
+                return fallback
+            if ratio >= FLOP_GOAL:
+                return candidate
+            if ratio > best_ratio * (1 + MIN_GAIN):
+                best, best_ratio = candidate, ratio
+        return best
+
+    def candidates(self, layout: Layout) -> list[ToMA]:
+        """The concrete configurations :meth:`resolve` chooses from, most faithful first: keys/values mode at the
+        finest level (where ``mode`` allows it and the options apply to it), then tokens mode at levels up to each
+        UNet level from the finest (one placement on a diffusion transformer: its default blocks), or at the given
+        ``max_downsample``. Raises ``ValueError`` when the options fit none."""
+        modes = ["kv", "tokens"] if self.mode == AUTO else [self.mode]
+        levels: list[int | None] = [self.max_downsample]  # type: ignore[list-item]
+        if is_auto(self.max_downsample):
+            levels = list(layout.levels) if layout.family == "unet" else [None]
+        out, errors = [], []
+        for mode in modes:
+            for level in levels[:1] if mode == "kv" and is_auto(self.max_downsample) else levels:
+                try:
+                    chosen = None if mode == "kv" and is_auto(self.max_downsample) else level
+                    out.append(dataclasses.replace(self, mode=mode, max_downsample=chosen))
+                except ValueError as error:
+                    errors.append(f"mode={mode!r}: {error}")
+        if not out:
+            raise ValueError(f"{self.describe()}: no mode fits these options ({'; '.join(dict.fromkeys(errors))})")
+        return out
 
     @property
     def is_identity(self) -> bool:
         return self.ratio == 0.0
+
+    def cut_more(self, layout: Layout) -> list[Method]:
+        """Keys/values mode: tokens mode where placed, then at every block; tokens mode: whole blocks (see
+        :class:`~tokenmerge.methods.base.FlagRoles`)."""
+        if not self.keys_values:
+            return super().cut_more(layout)
+        return [
+            dataclasses.replace(self, mode="tokens"),
+            dataclasses.replace(self, mode="tokens", **layout.everywhere()),
+        ]
 
     @property
     def keys_values(self) -> bool:  # type: ignore[override]

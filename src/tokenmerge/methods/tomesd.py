@@ -48,4 +48,5 @@ class ToMeSD(CellMethod):
             return None
         dst = self.destinations(x, grid, cache.generation)
         src, best, match = bipartite_match(x, dst)
-        return slot_merge(h * w, dst, src, match, top_sources(best, min(r, src.numel())), x.dtype, key_bias=False)
+        r = min(r, src.numel())
+        return slot_merge(h * w, dst, src, match, top_sources(best, r), x.dtype, key_bias=False, rows=h * w - r)

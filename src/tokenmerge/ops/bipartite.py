@@ -46,9 +46,9 @@ def bipartite_match(metric: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tens
     ``best`` ``(B, S)`` similarity to the best destination and ``match`` ``(B, S)`` its position in ``dst``.
     """
     n = metric.shape[1]
-    is_dst = torch.zeros(n, dtype=torch.bool, device=metric.device)
-    is_dst[dst] = True
-    src = (~is_dst).nonzero().flatten()
+    is_dst = torch.zeros(n, dtype=torch.uint8, device=metric.device)
+    is_dst[dst] = 1
+    src = is_dst.argsort(stable=True)[: n - dst.numel()]  # the non-destinations, ascending (no data-dependent shape)
     unit = F.normalize(metric.float(), dim=-1, eps=1e-12)
     best, match = (unit[:, src] @ unit[:, dst].transpose(1, 2)).max(-1)
     return src, best, match
@@ -103,13 +103,15 @@ def slot_merge(
     dtype: torch.dtype,
     multiple: int = 1,
     key_bias: bool | None = None,
+    rows: int | None = None,
 ) -> SlotMerge:
     """Build the :class:`SlotMerge` where destination ``j`` is row ``j``, every ``merged`` source ``(B, S)`` joins
     its ``match``'s row and every other source gets a row of its own (after the destinations, in ``src`` order).
 
     Samples merging different numbers of sources get ``K = D + max_b(#unmerged_b)`` rows (rounded up to a
-    ``multiple``); shorter ones are padded. ``key_bias``: build the key bias always (``True``), never (``False``) or
-    only when there is padding (``None``; a host sync).
+    ``multiple``; a host sync unless the caller knows ``rows``, e.g. every sample merges the same count); shorter
+    ones are padded. ``key_bias``: build the key bias always (``True``), never (``False``) or only when there is
+    padding (``None``; a host sync).
     """
     b, d = match.shape[0], dst.numel()
     kept = (~merged).long()
@@ -117,8 +119,9 @@ def slot_merge(
     slot = torch.empty(b, n, dtype=torch.long, device=match.device)
     slot[:, dst] = torch.arange(d, device=match.device)
     slot[:, src] = torch.where(merged, match, own)
-    rows = d + int(kept.sum(-1).max()) if kept.numel() else d
-    rows = min(n, -(-rows // multiple) * multiple)
+    if rows is None:
+        rows = d + int(kept.sum(-1).max()) if kept.numel() else d
+        rows = min(n, -(-rows // multiple) * multiple)
     counts = torch.zeros(b, rows, dtype=torch.long, device=match.device).scatter_add_(1, slot, torch.ones_like(slot))
     position = torch.zeros(b, rows, dtype=torch.long, device=match.device)
     position.scatter_(1, slot[:, src], src.expand(b, -1))  # merged sources land on destination rows: overwritten

@@ -21,9 +21,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from tokenmerge.adapters.base import CallShape
 from tokenmerge.caches import reset_caches
 from tokenmerge.reference import models
-from tokenmerge.reference.data import tokenize
+from tokenmerge.reference.data import MAX_TOKENS, tokenize
 
 
 def unet_scheduler(prediction_type: str = "v_prediction") -> Any:
@@ -101,6 +102,13 @@ class ReferencePipeline:
     @property
     def denoiser(self) -> nn.Module:
         return self.unet if self.name == "unet" else self.transformer
+
+    @property
+    def default_call_shape(self) -> CallShape:
+        """One denoiser call of a default generation (batch 1): the pixel grid (UNet) or its 2x2-packed token grid
+        (Flux), with the longest caption's text tokens; ``tm.apply`` decides its ``"auto"`` options for it."""
+        side = self.size if self.name == "unet" else self.size // 2
+        return CallShape(1, (side, side), MAX_TOKENS)
 
     def progress_bar(self, iterable: Any) -> Any:
         """The denoising loop's iterable (diffusers' convention; no bar is drawn)."""
