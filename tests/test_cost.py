@@ -75,7 +75,8 @@ def test_generation_counts_follow_the_step_schedule() -> None:
 
 
 def test_summary_reports_the_flop_cut_of_the_last_call() -> None:
-    """Counted from the call's shapes and, for CA-ToMe, the tokens its blocks merged; unpatched when it merged nothing."""
+    """Counted from the call's shapes and, for CA-ToMe, the tokens its blocks merged; unpatched when it merged
+    nothing."""
     from tokenmerge.archs import tiny_pipeline
 
     pipe = tiny_pipeline("tiny-sd15")
