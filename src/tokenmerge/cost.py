@@ -184,3 +184,7 @@ class CostSpec:
 
     def shape(self, batch: int = 1) -> CallShape:
         return self.twin().adapter.shape_at(self.height, self.width, batch)
+
+    def view(self) -> View:
+        """The architecture as :meth:`Method.resolve` sees it at this resolution."""
+        return View(self.twin().adapter, self.shape())

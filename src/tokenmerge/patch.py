@@ -239,6 +239,8 @@ class Patch:
         run.plan, run.tokens_in, run.tokens_out = plan, n, out
         if not torch.compiler.is_compiling():
             self.counters.block(reason is None, reason)
+            if reason is None:
+                self.counters.merged(n, out, method.mergeable(hw))
 
     def cache(self, site: Site) -> PlanCache:
         key = site.name if self.method.cache_scope == "block" else site.group

@@ -41,11 +41,19 @@ class Counters:
     call_merged: bool = False
     call_reasons: set[Unmerged] = field(default_factory=set)
     planned: bool = False  # a block of the call in progress was planned
+    merged_tokens: int = 0  # tokens the current (or last) generation's merged block calls merged away
+    mergeable_tokens: int = 0  # at most how many they could have merged away (Method.mergeable)
 
     def start_generation(self) -> None:
         self.generations += 1
         self.generation_calls = self.generation_merged = 0
         self.steps_run, self.steps_merged = set(), set()
+        self.merged_tokens = self.mergeable_tokens = 0
+
+    def merged(self, tokens_in: int, tokens_out: int, mergeable: int) -> None:
+        """A block call merged ``tokens_in`` tokens into ``tokens_out`` of at most ``mergeable`` it could remove."""
+        self.merged_tokens += tokens_in - tokens_out
+        self.mergeable_tokens += mergeable
 
     def begin_call(self) -> None:
         self.call_merged, self.call_reasons, self.planned = False, set(), False
@@ -120,7 +128,9 @@ class Summary:
     ``unmerged``: why the others merged nothing (reason -> calls). ``steps_run`` / ``steps_merged``: steps of the
     current or last generation. Call and step counters are kept in eager mode only (``counted`` is False when calls
     ran compiled: blocks reported tokens but no call was counted). ``flops``: the FLOP cut of the last call (eager
-    mode; ``None`` before a call or where the model's twin cannot be counted).
+    mode; ``None`` before a call or where the model's twin cannot be counted). ``merged_fraction``: of the tokens
+    the current or last generation's merged block calls could merge away (:meth:`Method.mergeable`), the share they
+    did (``None`` before any).
     """
 
     model: str
@@ -133,6 +143,7 @@ class Summary:
     steps_run: int = 0
     steps_merged: int = 0
     counted: bool = True
+    merged_fraction: float | None = None
     flops: FlopCut | None = None
 
     @property
@@ -197,6 +208,7 @@ def summarize(model: str, method: Method, runs: list[BlockRun], counters: Counte
         steps_run=len(counters.steps_run),
         steps_merged=len(counters.steps_merged),
         counted=counters.calls > 0 or all(run.tokens_in is None for run in runs),
+        merged_fraction=counters.merged_tokens / counters.mergeable_tokens if counters.mergeable_tokens else None,
     )
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+import tokenmerge as tm
 from tokenmerge.errors import HarnessError
 from tokenmerge.harness import metrics as fidelity
 from tokenmerge.harness import report, timing
@@ -126,6 +127,8 @@ class Point:
     timed_max_diff: float  # largest |timed image - warm-up image| over its timed calls
     merged_nothing: bool  # not the baseline, yet its images equal the baseline's exactly
     digest: str = field(default="", compare=False)  # of the scored images: equal digests, the same computation
+    merged_fraction: float | None = None  # of what its warm-up generation could merge away (tm.Summary)
+    flop_ratios: dict[str, float] = field(default_factory=dict)  # projected: architecture label -> FLOP ratio
 
     @property
     def label(self) -> str:
@@ -141,6 +144,7 @@ class Point:
         row.update(default=s.default, median_s=round(self.median_s, 5), speedup=round(self.speedup, 4))
         row.update({k: round(v, 5) if math.isfinite(v) else v for k, v in self.scores.items()})
         row.update(timed_max_diff=self.timed_max_diff, merged_nothing=self.merged_nothing)
+        row.update({f"flops@{k}": round(v, 4) for k, v in self.flop_ratios.items()})
         return row
 
 
@@ -173,6 +177,7 @@ def run_sweep(
     schedule = schedule or Schedule()
     settings = [BASELINE, *(s for s in settings if s.label != BASELINE.label)]
     images: dict[int, torch.Tensor] = {}
+    fractions: dict[int, float | None] = {}
     times: dict[int, list[float]] = {i: [] for i in range(len(settings))}
     diffs: dict[int, float] = dict.fromkeys(range(len(settings)), 0.0)
     dropped: dict[int, Skipped] = {}
@@ -190,6 +195,8 @@ def run_sweep(
             setting.apply(runner.target)
             try:
                 out, seconds = timing.timed(runner.generate, runner.device) if call.timed else (runner.generate(), 0.0)
+                if call.config not in fractions:
+                    fractions[call.config] = tm.summary(runner.target).merged_fraction
             finally:
                 setting.remove(runner.target)
         except ValueError as exc:
@@ -214,7 +221,7 @@ def run_sweep(
         speedup = base_median / statistics.median(times[i])
         merged_nothing = i > 0 and torch.equal(images[i], base_images)
         digest = hashlib.sha256(images[i].numpy().tobytes()).hexdigest()[:16]
-        points.append(Point(setting, times[i], speedup, scores, diffs[i], merged_nothing, digest))
+        points.append(Point(setting, times[i], speedup, scores, diffs[i], merged_nothing, digest, fractions.get(i)))
     return SweepResult(points, list(dropped.values()), list(metrics), schedule)
 
 
@@ -245,11 +252,33 @@ def _duplicates(
     return out
 
 
-def front(points: Sequence[Point], metric: Metric) -> list[int]:
-    """Indices of the points on the Pareto front of (speed-up, ``metric``), by increasing speed-up; points without a
-    finite-or-infinite score (NaN) take no part."""
-    valid = [i for i, p in enumerate(points) if not math.isnan(p.scores.get(metric.name, math.nan))]
-    pairs = [(points[i].speedup, metric.oriented(points[i].scores[metric.name])) for i in valid]
+def measured_speedup(point: Point) -> float:
+    """The speed axis of a front: the measured speed-up on the swept model."""
+    return point.speedup
+
+
+@dataclass(frozen=True)
+class FlopAxis:
+    """The speed axis of a projected front: the FLOP ratio on architecture ``label`` (NaN where not counted)."""
+
+    label: str
+
+    def __call__(self, point: Point) -> float:
+        return point.flop_ratios.get(self.label, math.nan)
+
+
+Axis = Callable[[Point], float]
+
+
+def front(points: Sequence[Point], metric: Metric, axis: Axis = measured_speedup) -> list[int]:
+    """Indices of the points on the Pareto front of (``axis``: speed-up, ``metric``), by increasing speed; points
+    without a finite-or-infinite score or speed (NaN) take no part."""
+    valid = [
+        i
+        for i, p in enumerate(points)
+        if not math.isnan(p.scores.get(metric.name, math.nan)) and not math.isnan(axis(p))
+    ]
+    pairs = [(axis(points[i]), metric.oriented(points[i].scores[metric.name])) for i in valid]
     return [valid[j] for j in report.pareto_front(pairs)]
 
 
@@ -310,8 +339,8 @@ def _advantage(a: float, b: float) -> float:
     return 0.0 if a == b else a - b
 
 
-def _gap(points: Sequence[Point], metric: Metric, family: str, speed: float) -> SpeedGap | None:
-    fast = [p for p in points if p.speedup >= speed and not math.isnan(p.scores[metric.name])]
+def _gap(points: Sequence[Point], metric: Metric, family: str, speed: float, axis: Axis) -> SpeedGap | None:
+    fast = [p for p in points if axis(p) >= speed and not math.isnan(p.scores[metric.name])]
     if not fast:
         return None
     best = max(fast, key=lambda p: metric.oriented(p.scores[metric.name]))
@@ -337,9 +366,12 @@ def check_targets(
     margin: float = 1.0,
     min_speedup: float = 1.2,
     bucket: float = 0.1,
+    axis: Axis = measured_speedup,
 ) -> TargetReport:
-    """The default and speed-gap checks of ``family`` on ``metric`` (see the module docstring)."""
+    """The default and speed-gap checks of ``family`` on ``metric`` (see the module docstring), speeds on ``axis``
+    (the measured speed-up, or a projected front's FLOP ratio)."""
     name = metric.name
+    points = [p for p in points if not math.isnan(axis(p))]
     default_point = next((p for p in points if p.setting.family == family and p.setting.default), None)
     check = None
     if default_point is not None:
@@ -347,22 +379,22 @@ def check_targets(
         rivals = [
             p
             for p in points
-            if p is not default_point and p.speedup >= default_point.speedup and not math.isnan(p.scores[name])
+            if p is not default_point and axis(p) >= axis(default_point) and not math.isnan(p.scores[name])
         ]
         rival = max(rivals, key=lambda p: metric.oriented(p.scores[name]), default=None)
         advantage = _advantage(metric.oriented(rival.scores[name]), own) if rival else 0.0
         check = DefaultCheck(
             default_point.label,
-            default_point.speedup,
+            axis(default_point),
             default_point.scores[name],
             rival.label if rival else None,
             advantage,
             advantage > margin,
         )
-    top = max((p.speedup for p in points), default=0.0)
+    top = max((axis(p) for p in points), default=0.0)
     edges = [min_speedup + k * bucket for k in range(max(0, math.floor((top - min_speedup) / bucket + 1e-9)) + 1)]
-    gaps = [g for g in (_gap(points, metric, family, round(s, 6)) for s in edges if s <= top) if g is not None]
-    speeds = sorted({min_speedup, *(p.speedup for p in points if p.speedup >= min_speedup)})
-    every = [g for g in (_gap(points, metric, family, s) for s in speeds) if g is not None]
+    gaps = [g for g in (_gap(points, metric, family, round(s, 6), axis) for s in edges if s <= top) if g is not None]
+    speeds = sorted({min_speedup, *(axis(p) for p in points if axis(p) >= min_speedup)})
+    every = [g for g in (_gap(points, metric, family, s, axis) for s in speeds) if g is not None]
     worst = max(every, key=lambda g: g.gap, default=None)
     return TargetReport(family, name, margin, min_speedup, check, gaps, worst)

@@ -18,18 +18,22 @@ import math
 import platform
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tokenmerge.cost import CostSpec
 from tokenmerge.errors import HarnessError
 from tokenmerge.harness import report
-from tokenmerge.harness.pareto import Metric, Point, SweepResult, TargetReport
+from tokenmerge.harness.pareto import Axis, Metric, Point, SweepResult, TargetReport
 from tokenmerge.harness.sweep import SWEEPS, Selection, Skipped
 
 COLUMNS = ["config", "family", "preset", "value", "default", "front", "speedup", "median_s"]
+#: The name of the measured speed axis (projected fronts are named by their architecture).
+MEASURED = "measured"
 METRICS = ("psnr", "ssim", "rel_l2", "lpips", "dino_delta", "caption_acc", "scene_fd")
 #: Metrics measured on the reference models only (:func:`tokenmerge.harness.pareto.scene_metrics`).
 SCENE_METRICS = ("caption_acc", "scene_fd")
@@ -79,6 +83,15 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         default=[],
         metavar="METHOD=V[,V...]",
         help="knob values of a method (repeatable; its default value is always included)",
+    )
+    p.add_argument(
+        "--cost",
+        action="append",
+        default=[],
+        metavar="ARCH@RES",
+        help="also put every setting at its exact FLOP ratio on this real-size architecture (e.g. sdxl@1024, "
+        "sd15@512, flux-dev@1024): a projected front with the fidelity measured here; settings' auto options take "
+        "their values on the first one (repeatable)",
     )
     p.add_argument("--metric", default="psnr", choices=METRICS, help="fidelity metric of the front (default psnr)")
     p.add_argument("--margin", type=float, default=1.0, help="targets: tolerance in the metric's units (default 1)")
@@ -155,52 +168,75 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def rows(result: SweepResult, on_front: set[int]) -> list[dict[str, Any]]:
-    """One flat row per point (``front``: on the Pareto front of the chosen metric)."""
+@dataclass(frozen=True)
+class Front:
+    """One speed axis of the sweep: its ``name`` (``measured``, or the architecture of a projected front), the axis,
+    the indices of the points on its front and the targets checked on it."""
+
+    name: str
+    axis: Axis
+    on_front: list[int]
+    reports: list[TargetReport]
+
+    @property
+    def column(self) -> str:
+        return "front" if self.name == MEASURED else f"front@{self.name}"
+
+    @property
+    def xlabel(self) -> str:
+        if self.name == MEASURED:
+            return "speed-up vs unaccelerated (x)"
+        return f"FLOP ratio vs unaccelerated on {self.name} (x)"
+
+
+def rows(result: SweepResult, fronts: Sequence[Front]) -> list[dict[str, Any]]:
+    """One flat row per point (``front``, ``front@ARCH``: on the Pareto front of the chosen metric on that axis)."""
     out = []
     for i, point in enumerate(result.points):
         row = point.row()
-        row["front"] = i in on_front
+        for f in fronts:
+            row[f.column] = i in set(f.on_front)
         out.append(row)
     return out
 
 
-def plot(path: Path, points: Sequence[Point], metric: Metric, on_front: Sequence[int], title: str) -> None:
-    """Speed-up (x) vs ``metric`` (y, better up), a colour per method family, the front joined by a line, defaults
-    drawn as stars with their labels. Points with an infinite score (the baseline, settings that merged nothing)
-    cannot be placed on the axis: a dotted line marks the baseline's speed-up 1."""
+def plot(path: Path, points: Sequence[Point], metric: Metric, front_: Front, title: str) -> None:
+    """Speed (x: ``front_``'s axis) vs ``metric`` (y, better up), a colour per method family, the front joined by a
+    line, defaults drawn as stars with their labels. Points with an infinite score (the baseline, settings that merged
+    nothing) cannot be placed on the axis: a dotted line marks the baseline's speed 1."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    x = front_.axis
     colours = {f: plt.get_cmap("tab10")(i % 10) for i, f in enumerate(dict.fromkeys(p.setting.family for p in points))}
-    finite = [p for p in points if math.isfinite(p.scores.get(metric.name, math.nan))]
+    finite = [p for p in points if math.isfinite(p.scores.get(metric.name, math.nan) + x(p))]
     hidden = len(points) - len(finite)
     for family, colour in colours.items():
         mine = [p for p in finite if p.setting.family == family]
         if mine:
-            ax.scatter(
-                [p.speedup for p in mine], [p.scores[metric.name] for p in mine], color=colour, s=22, label=family
-            )
+            ax.scatter([x(p) for p in mine], [p.scores[metric.name] for p in mine], color=colour, s=22, label=family)
     for p in finite:
         if p.setting.default:
-            ax.scatter(p.speedup, p.scores[metric.name], marker="*", s=180, color=colours[p.setting.family], zorder=3)
-            ax.annotate(
-                p.label, (p.speedup, p.scores[metric.name]), xytext=(5, 5), textcoords="offset points", fontsize=7
-            )
-    shown = [points[i] for i in on_front if math.isfinite(points[i].scores[metric.name])]
+            ax.scatter(x(p), p.scores[metric.name], marker="*", s=180, color=colours[p.setting.family], zorder=3)
+            ax.annotate(p.label, (x(p), p.scores[metric.name]), xytext=(5, 5), textcoords="offset points", fontsize=7)
+    shown = [points[i] for i in front_.on_front if math.isfinite(points[i].scores[metric.name])]
     if shown:
-        xs, ys = [p.speedup for p in shown], [p.scores[metric.name] for p in shown]
+        xs, ys = [x(p) for p in shown], [p.scores[metric.name] for p in shown]
         ax.plot(xs, ys, color="black", lw=1, alpha=0.6, drawstyle="steps-pre" if len(xs) > 1 else "default")
         ax.scatter(xs, ys, facecolors="none", edgecolors="black", s=70, lw=0.8, label="Pareto front")
     ax.axvline(
-        1.0, color="grey", ls=":", lw=1, label="unaccelerated" + (f" ({hidden} not shown: inf)" if hidden else "")
+        1.0,
+        color="grey",
+        ls=":",
+        lw=1,
+        label="unaccelerated" + (f" ({hidden} not shown: inf or no ratio)" if hidden else ""),
     )
     if not metric.higher_is_better:
         ax.invert_yaxis()
-    ax.set_xlabel("speed-up vs unaccelerated (x)")
+    ax.set_xlabel(front_.xlabel)
     ax.set_ylabel(f"{metric.name} vs unaccelerated" + (f" ({metric.unit})" if metric.unit else ""))
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
@@ -210,14 +246,16 @@ def plot(path: Path, points: Sequence[Point], metric: Metric, on_front: Sequence
     plt.close(fig)
 
 
-def targets_markdown(reports: Sequence[TargetReport], unit: str) -> str:
-    """The targets section of ``results.md``."""
+def targets_markdown(front_: Front, unit: str) -> str:
+    """The targets section of ``results.md`` for one axis."""
+    reports = front_.reports
     if not reports:
         return ""
     r0 = reports[0]
     u = f" {unit}" if unit else ""
+    axis = "measured speed-ups" if front_.name == MEASURED else f"FLOP ratios on {front_.name}"
     lines = [
-        f"## Targets ({r0.metric}, margin {r0.margin:g}{u}, speeds from {r0.min_speedup:g}x)",
+        f"## Targets on {axis} ({r0.metric}, margin {r0.margin:g}{u}, speeds from {r0.min_speedup:g}x)",
         "",
         "Default: is some setting at least as fast and more than the margin better than the method's default? "
         "Gap: at each speed-up s, the best setting of any method at least s fast minus the method's best at least s "
@@ -258,26 +296,33 @@ def write_outputs(
     overwrite: bool,
     result: SweepResult,
     metric: Metric,
-    reports: Sequence[TargetReport],
+    fronts: Sequence[Front],
     skipped: Sequence[Skipped],
     meta: dict[str, Any],
 ) -> list[dict[str, Any]]:
-    """results.json / .csv / .md and pareto.png, atomically; returns the table rows."""
-    from tokenmerge.harness.pareto import front
-
-    on_front = front(result.points, metric)
-    table = rows(result, set(on_front))
+    """results.json / .csv / .md and pareto.png (one ``pareto@ARCH.png`` per projected front), atomically; returns
+    the table rows."""
+    table = rows(result, fronts)
     names = [m.name for m in result.metrics]
-    columns = COLUMNS + names + ["timed_max_diff", "merged_nothing"]
+    projected = [f for f in fronts if f.name != MEASURED]
+    columns = [*COLUMNS, *(f"flops@{f.name}" for f in projected), *(f.column for f in projected)]
+    columns += [*names, "timed_max_diff", "merged_nothing"]
     skipped = [*skipped, *result.dropped]
     title = f"{meta['model']}: {meta['images']} images, {meta['steps']} steps, median of {result.schedule.rounds}"
+
+    def targets(f: Front) -> list[dict[str, Any]]:
+        return [dict(dataclasses.asdict(r), ok=r.ok, default_ok=r.default_ok, gaps_ok=r.gaps_ok) for r in f.reports]
+
     data = dict(
         meta=meta,
         metric=metric.name,
         settings=[dict(r, times_s=p.times_s) for r, p in zip(table, result.points, strict=True)],
-        front=[result.points[i].label for i in on_front],
+        front=[result.points[i].label for i in fronts[0].on_front],
         skipped=[dataclasses.asdict(s) for s in skipped],
-        targets=[dict(dataclasses.asdict(r), ok=r.ok, default_ok=r.default_ok, gaps_ok=r.gaps_ok) for r in reports],
+        targets=targets(fronts[0]),
+        projected={
+            f.name: dict(front=[result.points[i].label for i in f.on_front], targets=targets(f)) for f in projected
+        },
     )
     md = [
         f"# tokenmerge pareto: {title}",
@@ -298,14 +343,22 @@ def write_outputs(
     nothing = [p.label for p in result.points if p.merged_nothing]
     if nothing:
         md.append(f"Images identical to the unaccelerated ones (merged nothing): {', '.join(nothing)}.\n")
-    md.append(targets_markdown(reports, metric.unit))
+    if projected:
+        md.append(
+            "Projected fronts (`flops@ARCH`): each setting made concrete for that real-size architecture, its FLOPs "
+            "over the same steps counted exactly on a weightless twin (`tokenmerge.cost`), with the fidelity measured "
+            "here; CA-ToMe at the fraction it merged here; step caches not counted.\n"
+        )
+    md += [targets_markdown(f, metric.unit) for f in fronts]
     if skipped:
         md += ["## Skipped", "", *(f"- {s.label}: {s.reason}" for s in skipped), ""]
     with report.atomic_dir(out, overwrite) as tmp:
         report.write_json(tmp / "results.json", data)
         report.write_csv(tmp / "results.csv", table, columns)
         (tmp / "results.md").write_text("\n".join(md))
-        plot(tmp / "pareto.png", result.points, metric, on_front, title)
+        for f in fronts:
+            name = "pareto.png" if f.name == MEASURED else f"pareto@{f.name}.png"
+            plot(tmp / name, result.points, metric, f, title if f.name == MEASURED else f"{title}; FLOPs on {f.name}")
     return table
 
 
@@ -319,7 +372,16 @@ def run(args: argparse.Namespace) -> int:
     """Check everything, build the settings, sweep, write, print the table."""
     from tokenmerge.api import view_of
     from tokenmerge.harness import metrics, models
-    from tokenmerge.harness.pareto import check_targets, run_sweep, scene_metrics, standard_metrics
+    from tokenmerge.harness.pareto import (
+        FlopAxis,
+        check_targets,
+        front,
+        measured_speedup,
+        run_sweep,
+        scene_metrics,
+        standard_metrics,
+    )
+    from tokenmerge.harness.projection import project
     from tokenmerge.harness.prompts import load_prompts
     from tokenmerge.harness.runners import REFERENCE, open_runner
     from tokenmerge.harness.stacks import build_cache_settings
@@ -341,6 +403,12 @@ def run(args: argparse.Namespace) -> int:
         raise HarnessError("--lpips-linear needs --lpips-backbone")
     if args.metric in SCENE_METRICS and args.model not in REFERENCE:
         raise HarnessError(f"--metric {args.metric} needs a reference model ({', '.join(REFERENCE)})")
+    try:
+        specs = list(dict.fromkeys(CostSpec.parse(text) for text in args.cost))
+        for spec in specs:
+            spec.shape()
+    except ValueError as exc:
+        raise HarnessError(f"--cost: {exc}") from None
     if not args.dry_run:
         report.check_output(args.out, args.overwrite)
     kind = "reference" if args.model in REFERENCE else "pipeline"
@@ -357,7 +425,8 @@ def run(args: argparse.Namespace) -> int:
     device = models.resolve_device(args.device)
     options = dict(steps=steps, guidance_scale=args.guidance_scale, height=args.height, width=args.width)
     runner = open_runner(args.model, prompts, args.seeds, num_prompts, device, models.DTYPES[args.dtype], **options)
-    plan = build_settings(view_of(runner.target), sel, runner.method_defaults)
+    projections = [(spec.label, spec.view()) for spec in specs]
+    plan = build_settings(view_of(runner.target), sel, runner.method_defaults, projections)
     if args.caches or args.stack:
         caches = [c.strip().lower() for c in (args.caches or "").split(",") if c.strip()]
         layout = layout_of(runner.target)
@@ -375,9 +444,15 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = run_sweep(runner, plan.settings, all_metrics, schedule, progress=not args.quiet)
     sweep_s = time.perf_counter() - start
+    project(result.points, specs, steps)
     metric = result.metric(args.metric)
     families = list(dict.fromkeys(p.setting.family for p in result.points[1:]))
-    reports = [check_targets(result.points, metric, f, args.margin, args.min_speedup, args.bucket) for f in families]
+    fronts = []
+    for name, axis in [(MEASURED, measured_speedup), *((s.label, FlopAxis(s.label)) for s in specs)]:
+        reports = [
+            check_targets(result.points, metric, f, args.margin, args.min_speedup, args.bucket, axis) for f in families
+        ]
+        fronts.append(Front(name, axis, front(result.points, metric, axis), reports))
     meta = dict(
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         torch=torch.__version__,
@@ -398,13 +473,15 @@ def run(args: argparse.Namespace) -> int:
         schedule=dataclasses.asdict(schedule),
         settings={s.label: repr(getattr(s, "method", None)) for s in plan.settings},
         sweep_s=round(sweep_s, 1),
+        cost=[s.label for s in specs],
     )
-    table = write_outputs(args.out, args.overwrite, result, metric, reports, plan.skipped, meta)
-    columns = [*COLUMNS, metric.name]
+    table = write_outputs(args.out, args.overwrite, result, metric, fronts, plan.skipped, meta)
+    columns = [*COLUMNS, *(f"flops@{s.label}" for s in specs), metric.name]
     print(report.markdown_table(table, columns), end="")
-    for r in reports:
-        verdict = "ok" if r.ok else "MISSED"
-        worst = f"{r.worst.gap:.3g} at >= {r.worst.min_speedup:.3g}x" if r.worst else "-"
-        print(f"targets {r.family}: {verdict} (default ok: {r.default_ok}; worst gap {worst})")
+    for f in fronts:
+        for r in f.reports:
+            verdict = "ok" if r.ok else "MISSED"
+            worst = f"{r.worst.gap:.3g} at >= {r.worst.min_speedup:.3g}x" if r.worst else "-"
+            print(f"targets {r.family} ({f.name}): {verdict} (default ok: {r.default_ok}; worst gap {worst})")
     print(f"wrote {args.out}/results.{{json,csv,md}}, pareto.png")
     return 0

@@ -13,6 +13,7 @@ in :data:`SWEEPS`, e.g. ``Preset("stable", {"stable": True})``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +24,7 @@ import tokenmerge as tm
 from tokenmerge.api import view_of
 from tokenmerge.errors import HarnessError
 from tokenmerge.harness.registry import methods
-from tokenmerge.methods.base import Layout, LayoutView, ModelView
+from tokenmerge.methods.base import Layout, LayoutView, ModelView, is_auto
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,9 @@ class Setting(Protocol):
 
 @dataclass(frozen=True)
 class MethodSetting:
-    """A tokenmerge method as a sweep setting (``method=None``: the unaccelerated baseline)."""
+    """A tokenmerge method as a sweep setting (``method=None``: the unaccelerated baseline). ``projected``: the same
+    setting made concrete for other architectures (a label such as ``sdxl@1024`` -> the method there), whose FLOPs a
+    projected front counts (:mod:`tokenmerge.harness.projection`)."""
 
     method: tm.Method | None
     family: str = "baseline"
@@ -67,6 +70,7 @@ class MethodSetting:
     knob: str | None = None
     value: float | None = None
     default: bool = False
+    projected: Mapping[str, tm.Method] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def label(self) -> str:
@@ -259,12 +263,35 @@ class Selection:
         return list(self.methods) if self.methods is not None else list(SWEEPS)
 
 
+def _project(
+    cls: type[tm.Method], recipe: Options, placement: str, projections: Sequence[tuple[str, ModelView]]
+) -> dict[str, tm.Method]:
+    """``cls(**recipe)`` placed by ``placement`` and made concrete on each projection's model (those where the
+    placement exists and the options fit)."""
+    out = {}
+    for label, view in projections:
+        placed = PLACEMENTS[placement](view.layout)
+        if placed is not None:
+            with contextlib.suppress(ValueError, TypeError):
+                out[label] = cls(**recipe, **placed).resolve(view)
+    return out
+
+
+def _follow(method: tm.Method, concrete: tm.Method) -> tm.Method:
+    """``method`` with every option it leaves ``"auto"`` set to ``concrete``'s value of it."""
+    auto = {f.name: getattr(concrete, f.name) for f in dataclasses.fields(method) if is_auto(getattr(method, f.name))}
+    return dataclasses.replace(method, **auto) if auto else method
+
+
 def _knob_default(cls: type, knob: str) -> Any:
     return next(f.default for f in dataclasses.fields(cls) if f.name == knob)
 
 
 def build_settings(
-    model: Layout | ModelView, selection: Selection | None = None, method_defaults: Options | None = None
+    model: Layout | ModelView,
+    selection: Selection | None = None,
+    method_defaults: Options | None = None,
+    projections: Sequence[tuple[str, ModelView]] = (),
 ) -> SweepPlan:
     """The baseline, then for every chosen method, preset and value the :class:`MethodSetting`, placed on ``model``
     (a model's view, :func:`~tokenmerge.api.view_of`, or a bare :class:`Layout`) and resolved against it.
@@ -272,6 +299,11 @@ def build_settings(
     ``method_defaults``: options every method gets unless its preset sets them (a model whose library default
     placement does not fit, e.g. the reference Flux model's blocks). The default setting of a method is its default
     preset at the knob's default value; it is always included and marked ``default``.
+
+    ``projections``: other architectures ``(label, view)`` the settings are also made concrete for, each placed on
+    its own layout (:attr:`MethodSetting.projected`); options left ``"auto"`` then take the values they resolve to on
+    the first of them, so that the swept model runs what a setting is there (e.g. ``ToMA()`` as it resolves on the
+    real-size SDXL UNet) and its fidelity goes with those FLOPs.
     """
     view = LayoutView(model) if isinstance(model, Layout) else model
     layout = view.layout
@@ -298,8 +330,12 @@ def build_settings(
                     )
                     continue
                 try:
-                    options = {**(method_defaults or {}), **preset.options, **placed, sweep.knob: value}
-                    method = cls(**options).resolve(view)
+                    recipe = {**preset.options, sweep.knob: value}
+                    projected = _project(cls, recipe, preset.placement, projections)
+                    method = cls(**{**(method_defaults or {}), **recipe, **placed})
+                    if projections and projections[0][0] in projected:
+                        method = _follow(method, projected[projections[0][0]])
+                    method = method.resolve(view)
                 except (ValueError, TypeError) as exc:
                     skipped.append(Skipped(label, f"invalid options: {exc}"))
                     continue
@@ -309,7 +345,7 @@ def build_settings(
                     continue
                 seen.append((method, label))
                 is_default = preset.name == "default" and value == default_value
-                settings.append(MethodSetting(method, name, preset.name, sweep.knob, value, is_default))
+                settings.append(MethodSetting(method, name, preset.name, sweep.knob, value, is_default, projected))
     for item in skipped:
         logger.info("skipped %s: %s", item.label, item.reason)
     return SweepPlan(settings, skipped)
