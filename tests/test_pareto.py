@@ -37,11 +37,14 @@ def test_settings_default_always_in_and_marked() -> None:
     assert labels(plan.settings)[0] == "baseline"
     defaults = [s.label for s in plan.settings if s.default]
     assert defaults == ["toma:ratio=0.5", "todo:factor=2"]  # the default value is added to the given ones
-    assert "toma:ratio=0.25@tokens" in labels(plan.settings) and "toma:ratio=0.5@tokens" not in labels(plan.settings)
-    tokens = next(s for s in plan.settings if s.label == "toma:ratio=0.25@tokens")
-    assert tokens.method == tm.ToMA(ratio=0.25, mode="tokens", max_downsample=4)
+    assert "toma:ratio=0.25@kv" in labels(plan.settings) and "toma:ratio=0.5@kv" not in labels(plan.settings)
+    kv = next(s for s in plan.settings if s.label == "toma:ratio=0.25@kv")
+    assert kv.method == tm.ToMA(ratio=0.25, mode="kv", locality=0.05, max_downsample=None)
     default = next(s for s in plan.settings if s.default and s.family == "toma")
-    assert default.method == tm.ToMA(mode="kv", max_downsample=None)  # made concrete for the UNet
+    # a bare layout counts no FLOPs: ToMA's default falls back to tokens mode at levels <= 4, which @tokens repeats
+    assert default.method == tm.ToMA(mode="tokens", max_downsample=4)
+    reasons = {s.label: s.reason for s in plan.skipped}
+    assert reasons["toma:ratio=0.25@tokens"] == "same configuration as toma:ratio=0.25"
     assert labels(plan.settings)[-2:] == ["todo:factor=2", "todo:factor=4"]  # quick: the default preset only
 
 
@@ -49,8 +52,10 @@ def test_placements_resolve_per_family_or_skip_with_reason() -> None:
     presets = {"toma": ["tokens", "every", "late", "top", "kvnolocal"]}
     unet = build_settings(UNET, Selection(["toma"], presets=presets, values={"toma": [0.5]}))
     reasons = {s.label: s.reason for s in unet.skipped}
-    assert reasons["toma:ratio=0.5@every"] == "same configuration as toma:ratio=0.5@tokens"  # levels <= 4
-    assert reasons["toma:ratio=0.5@kvnolocal"] == "same configuration as toma:ratio=0.5"  # the default on a UNet
+    assert reasons["toma:ratio=0.5@every"] == "same configuration as toma:ratio=0.5"  # levels <= 4: the fallback
+    assert reasons["toma:ratio=0.5@tokens"] == "same configuration as toma:ratio=0.5"
+    kvnolocal = next(s for s in unet.settings if s.label == "toma:ratio=0.5@kvnolocal")
+    assert kvnolocal.method == tm.ToMA(mode="kv", max_downsample=None)
     assert reasons["toma:ratio=0.5@late"] == "placement 'late' does not exist on a unet"
     top = next(s for s in unet.settings if s.label == "toma:ratio=0.5@top")
     assert top.method.max_downsample == 1 and top.method.roles == {"attn"}
@@ -83,7 +88,7 @@ def test_toma_presets_kv_values_and_authors_schedule() -> None:
     assert [s.value for s in kv] == [0.5, 0.625, 0.75, 0.875, 0.9375]
     assert all(s.method.keys_values and s.method.locality == 0.05 and s.method.max_downsample is None for s in kv)
     authors = next(s for s in unet.settings if s.preset == "authors")
-    assert authors.method == tm.ToMA.authors_schedule(ratio=authors.value)
+    assert authors.method == tm.ToMA.authors_schedule(ratio=authors.value, max_downsample=4)  # the fallback levels
     given = build_settings(UNET, Selection(["toma"], presets={"toma": ["kv"]}, values={"toma": [0.5]}))
     assert [s.value for s in given.settings if s.preset == "kv"] == [0.5]
 
@@ -217,6 +222,40 @@ def test_front_on_synthetic_points() -> None:
     assert front(pts, lower) == front(POINTS, PSNR)  # lower-is-better metrics are turned around
 
 
+def test_projected_settings_follow_the_real_architecture_and_count_its_flops() -> None:
+    """``--cost``: a setting's auto options take their values on the projected architecture (ToMA's default as it
+    resolves on the real-size SDXL UNet), each setting is placed there on its own layout, and its FLOP ratio over a
+    generation is the twin's count; CA-ToMe's at the fraction it merged on the swept model, step caches none."""
+    from tokenmerge.api import view_of
+    from tokenmerge.archs import build_unet
+    from tokenmerge.cost import CostSpec
+    from tokenmerge.harness.pareto import FlopAxis
+    from tokenmerge.harness.projection import project
+
+    spec = CostSpec.parse("sd15@512")
+    selection = Selection(["toma", "catome"], {"toma": ["default", "top"]}, {"toma": [0.5], "catome": [0.7]})
+    plan = build_settings(view_of(build_unet("tiny-sdxl")), selection, None, [(spec.label, spec.view())])
+    by_label = {s.label: s for s in plan.settings}
+    default = by_label["toma:ratio=0.5"]
+    assert default.method == default.projected["sd15@512"] == tm.ToMA(mode="tokens", max_downsample=4)
+    assert by_label["toma:ratio=0.5@top"].projected["sd15@512"].max_downsample == 1
+    points = [Point(s, [1.0], 1.0, {"psnr": 30.0}, 0.0, False, merged_fraction=0.5) for s in plan.settings]
+    points.append(Point(FakeSetting("fbc", "fbc", None), [1.0], 1.0, {"psnr": 30.0}, 0.0, False))
+    project(points, [spec], steps=3)
+    twin, shape = spec.twin(), spec.shape()
+    full = sum(twin.generation(None, shape, 3))
+    ratios = {p.label: FlopAxis(spec.label)(p) for p in points}
+    assert ratios["baseline"] == 1.0 and math.isnan(ratios["fbc"])
+    assert (
+        ratios["toma:ratio=0.5"]
+        == full / sum(twin.generation(default.method, shape, 3))
+        == pytest.approx(1.344, abs=1e-3)
+    )
+    catome = by_label["catome:threshold=0.7"].projected["sd15@512"]
+    assert ratios["catome:threshold=0.7"] == full / sum(twin.generation(catome, shape, 3, 0.5)) > 1
+    assert front(points, PSNR, FlopAxis(spec.label))[-1] == [p.label for p in points].index("toma:ratio=0.5")
+
+
 def test_targets_on_synthetic_points() -> None:
     toma = check_targets(POINTS, PSNR, "toma", margin=1.0, min_speedup=1.2, bucket=0.1)
     assert toma.default.dominated and toma.default.best_faster == "todo-4" and toma.default.advantage == 3.0
@@ -255,9 +294,10 @@ def test_quick_end_to_end_tiny_sd15(tmp_path: Path, capsys: pytest.CaptureFixtur
     with (out / "results.csv").open() as f:
         assert [r["config"] for r in csv.DictReader(f)] == [r["config"] for r in data["settings"]]
     md = (out / "results.md").read_text()
-    assert "## Targets (psnr, margin 1 dB, speeds from 1.2x)" in md and "| toma:ratio=0.5 | toma |" in md
+    assert "## Targets on measured speed-ups (psnr, margin 1 dB, speeds from 1.2x)" in md
+    assert "| toma:ratio=0.5 | toma |" in md
     assert "Every timed call gave exactly the warm-up call's images." in md
-    assert "targets toma:" in capsys.readouterr().out
+    assert "targets toma (measured):" in capsys.readouterr().out
     assert not (tmp_path / ".pareto.partial").exists()
 
 
@@ -300,6 +340,8 @@ def test_reference_flux_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
         (["--out", "FILE/out"], "is a file, not a folder", False),
         (["--out", "EXISTS"], "already exists", False),
         (["--rounds", "0"], "--rounds must be >= 1", False),
+        (["--cost", "sd99@512"], "--cost: unknown real-size architecture 'sd99'", False),
+        (["--cost", "sdxl@1001"], "--cost: .*multiples of 8 pixels", False),
         (["--model", "./missing"], "model path './missing' does not exist", True),
         (["--model", "reference-unet", "--prompts", "general"], "unknown words", True),
     ],

@@ -195,7 +195,7 @@ def run_sweep(
             setting.apply(runner.target)
             try:
                 out, seconds = timing.timed(runner.generate, runner.device) if call.timed else (runner.generate(), 0.0)
-                if call.config not in fractions:
+                if call.config not in fractions and getattr(setting, "method", None) is not None:
                     fractions[call.config] = tm.summary(runner.target).merged_fraction
             finally:
                 setting.remove(runner.target)

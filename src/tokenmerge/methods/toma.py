@@ -35,6 +35,9 @@ FLOP_GOAL = 1.5
 #: The ratio at which :meth:`ToMA.resolve` compares its candidates: mode and placement depend on the model, not on
 #: ``ratio``, so that a larger ratio merges more in the same blocks.
 DECIDING_RATIO = 0.5
+#: Where FLOPs cannot be counted, :meth:`ToMA.resolve` takes tokens mode at UNet levels up to this downsampling (the
+#: authors' placement; diffusion transformers: the default blocks).
+FALLBACK_LEVEL = 4
 #: Where no candidate reaches :data:`FLOP_GOAL`, a less faithful one is taken only if it cuts this much more (a
 #: relative gain in the FLOP ratio): SD 1.5's mid block adds 0.3% and is left full.
 MIN_GAIN = 0.01
@@ -149,7 +152,7 @@ class ToMA(FlagRoles, Method):
         :meth:`candidates` whose merged call at ratio :data:`DECIDING_RATIO` cuts the FLOPs by :data:`FLOP_GOAL`
         (``model.flop_ratio``), else the one
         that cuts the most (by more than :data:`MIN_GAIN` over a more faithful one); where FLOPs cannot be counted,
-        tokens mode at levels up to 4 (the authors' placement)."""
+        tokens mode at levels up to :data:`FALLBACK_LEVEL`."""
         candidates = self.candidates(model.layout)
         if len(candidates) == 1:
             return candidates[0]
@@ -157,8 +160,9 @@ class ToMA(FlagRoles, Method):
         for candidate in candidates:
             ratio = model.flop_ratio(dataclasses.replace(candidate, ratio=DECIDING_RATIO))
             if ratio is None:
-                fallback = dataclasses.replace(self, mode="tokens", max_downsample=4)
-                logger.warning("%s: FLOPs not counted; using %s", self.describe(), fallback.describe())
+                tokens = [c for c in candidates if c.mode == "tokens" and (c.max_downsample or 1) <= FALLBACK_LEVEL]
+                fallback = tokens[-1] if tokens else candidates[-1]
+                logger.info("%s: FLOPs not counted; using %s", self.describe(), fallback.describe())
                 return fallback
             if ratio >= FLOP_GOAL:
                 return candidate
