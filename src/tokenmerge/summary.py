@@ -96,7 +96,8 @@ class Summary:
     ``calls``: denoiser calls since ``apply``, ``merged_calls`` of them with at least one block on fewer tokens, and
     ``unmerged``: why the others merged nothing (reason -> calls). ``steps_run`` / ``steps_merged``: steps of the
     current or last generation. Call and step counters are kept in eager mode only (``counted`` is False when calls
-    ran compiled: blocks reported tokens but no call was counted).
+    ran compiled: blocks reported tokens but no call was counted). ``parallel``: under context parallelism, which
+    rank of which group this is and the band of image rows it holds (the block tokens are this rank's).
     """
 
     model: str
@@ -109,6 +110,7 @@ class Summary:
     steps_run: int = 0
     steps_merged: int = 0
     counted: bool = True
+    parallel: str | None = None
 
     @property
     def applied(self) -> bool:
@@ -123,6 +125,8 @@ class Summary:
             return f"tokenmerge: {self.model} is not patched"
         groups = ", ".join(f"{g} {n}" for g, n in self.blocks_per_group().items()) or "none"
         lines = [f"tokenmerge: {self.method} on {self.model}", f"patched blocks: {len(self.blocks)} ({groups})"]
+        if self.parallel is not None:
+            lines.append(f"context parallel: {self.parallel}; tokens below are this rank's")
         if not self.counted:
             lines.append("calls: not counted (compiled: the hooks run inside the graph)")
         else:
@@ -146,8 +150,11 @@ def _count(n: int | None) -> str:
     return "-" if n is None else str(n)
 
 
-def summarize(model: str, method: Method, runs: list[BlockRun], counters: Counters) -> Summary:
-    """The :class:`Summary` of a patch: ``method`` on the ``runs`` of a ``model``, with its ``counters``."""
+def summarize(
+    model: str, method: Method, runs: list[BlockRun], counters: Counters, parallel: str | None = None
+) -> Summary:
+    """The :class:`Summary` of a patch: ``method`` on the ``runs`` of a ``model``, with its ``counters`` (and the
+    rank's band under context parallelism)."""
     blocks = tuple(
         BlockSummary(
             name=run.site.name,
@@ -170,6 +177,7 @@ def summarize(model: str, method: Method, runs: list[BlockRun], counters: Counte
         steps_run=len(counters.steps_run),
         steps_merged=len(counters.steps_merged),
         counted=counters.calls > 0 or all(run.tokens_in is None for run in runs),
+        parallel=parallel,
     )
 
 

@@ -10,6 +10,8 @@ from typing import Any, ClassVar
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from tokenmerge.parallel import Band
+
 #: Block placement: kind -> half-open index ranges ``((start, stop), ...)``, ``stop`` None = to the end.
 Blocks = Mapping[str, tuple[tuple[int, int | None], ...]]
 #: diffusers attention processors that run ``F.scaled_dot_product_attention`` with ``attention_mask`` added to the
@@ -24,9 +26,11 @@ MASK_BACKENDS = frozenset({"native", "_native_math", "_native_efficient", "_nati
 
 @dataclass(eq=False)
 class GridSlot:
-    """The ``(H, W)`` token grid of the blocks it is shared by, written by a hook before they run."""
+    """The ``(H, W)`` token grid of the blocks it is shared by, written by a hook before they run; under context
+    parallelism (adapters that find bands) the grid of this rank's ``band`` of image rows."""
 
     hw: tuple[int, int] | None = None
+    band: Band | None = None
 
 
 @dataclass(eq=False, kw_only=True)
@@ -128,6 +132,9 @@ class Adapter(ABC):
     #: ``"unet"`` (blocks placed by ``max_downsample``) or ``"dit"`` (a diffusion transformer: placed by ``blocks``);
     #: methods whose defaults differ per family resolve them against it (:meth:`Method.resolve`).
     family: ClassVar[str] = "dit"
+    #: Whether the adapter finds each rank's band of image rows under diffusers' context parallelism
+    #: (:attr:`GridSlot.band`); the patch refuses to run under context parallelism on other models.
+    finds_bands: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
