@@ -36,7 +36,6 @@ class CollectiveBytes:
 
     attention: int = 0
     other: int = 0
-    calls: int = 0
     _depth: int = field(default=0, repr=False)
     _stack: ExitStack | None = field(default=None, repr=False)
 
@@ -57,12 +56,7 @@ class CollectiveBytes:
             self._stack.close()
             self._stack = None
 
-    @property
-    def total(self) -> int:
-        return self.attention + self.other
-
     def _add(self, n: int) -> None:
-        self.calls += 1
         if self._depth:
             self.attention += n
         else:
@@ -146,7 +140,7 @@ def cpu_stand_ins() -> Iterator[None]:
         yield
 
 
-def free_port() -> int:
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -169,7 +163,7 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
     a rank is raised here with its traceback (``torch.multiprocessing.ProcessRaisedException``)."""
     queue = mp.get_context("spawn").SimpleQueue()
     ranks = mp.start_processes(
-        _rank_main, args=(world, free_port(), queue, fn, args), nprocs=world, join=False, start_method="spawn"
+        _rank_main, args=(world, _free_port(), queue, fn, args), nprocs=world, join=False, start_method="spawn"
     )
     results: dict[int, Any] = {}
     done = False
