@@ -72,32 +72,49 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def rank_checks(rank: int, world: int) -> dict[str, Any]:
     """Everything one rank checks, as plain values (see the tests)."""
-    from diffusers import ContextParallelConfig
-    from diffusers.models._modeling_parallel import ContextParallelOutput
-
     from tokenmerge.archs import build_dit
     from tokenmerge.harness.models import denoiser_inputs
 
     single = build_dit("tiny-flux")
-    grids = {(16, 16): denoiser_inputs(single, 2, 16, 16, text=8), (12, 16): denoiser_inputs(single, 2, 12, 16, text=8)}
-    inputs = grids[16, 16]
-    expected = {name: with_method(single, m, inputs) for name, m in BAND_METHODS.items()}
-    expected["none"] = generate(single, inputs)
+    grids = {size: denoiser_inputs(single, 2, *size, text=8) for size in ((16, 16), (12, 16), (15, 16), (5, 6))}
+    expected = {name: with_method(single, m, grids[16, 16]) for name, m in BAND_METHODS.items()}
+    expected["none"] = generate(single, grids[16, 16])
     expected["todo-4@12x16"] = with_method(single, tm.ToDo(4, blocks=ALL), grids[12, 16])
     out: dict[str, Any] = {"rel": {}, "errors": {}}
+    models = check_settings(grids[16, 16], expected, out)
+    check_bytes_summary_remove(models["ulysses"], grids[16, 16], out)
+    check_bands(models, grids, expected, out)
+    check_apply_order(grids[16, 16], expected, out)
+    check_unsupported_model(out)
+    return out
 
+
+def parallel(options: dict[str, Any]) -> torch.nn.Module:
+    """A tiny Flux with diffusers' context parallelism ``options`` enabled."""
+    from diffusers import ContextParallelConfig
+
+    from tokenmerge.archs import build_dit
+
+    model = build_dit("tiny-flux")
+    model.enable_parallelism(config=ContextParallelConfig(**options))
+    return model
+
+
+def check_settings(inputs: dict, expected: dict, out: dict) -> dict[str, torch.nn.Module]:
+    """Every setting: each band method against its single-device run, the refused methods' errors at apply."""
     models = {}
     for setting, options in SETTINGS.items():
-        model = models[setting] = build_dit("tiny-flux")
-        model.enable_parallelism(config=ContextParallelConfig(**options))
+        model = models[setting] = parallel(options)
         out["rel"][setting, "none"] = rel(generate(model, inputs), expected["none"])
         for name, method in BAND_METHODS.items():
             out["rel"][setting, name] = rel(with_method(model, method, inputs), expected[name])
         for name, method in REFUSED.items():
             out["errors"][setting, name] = error(lambda model=model, method=method: tm.apply(model, method))
+    return models
 
-    model = models["ulysses"]
-    # bytes at the collectives, unmerged and with ToMA(0.5) on every block; the summary of a rank
+
+def check_bytes_summary_remove(model: torch.nn.Module, inputs: dict, out: dict) -> None:
+    """Bytes at the collectives unmerged and with ToMA(0.5) on every block; the rank's summary; remove is exact."""
     unpatched_hooks, state = hooks(model), {k: v.clone() for k, v in model.state_dict().items()}
     with CollectiveBytes() as unmerged:
         plain = generate(model, inputs, steps=1)
@@ -117,19 +134,18 @@ def rank_checks(rank: int, world: int) -> dict[str, Any]:
         all(torch.equal(v, state[k]) for k, v in model.state_dict().items()),
     )
 
-    # bands that cannot be run on, or run with a documented difference
+
+def check_bands(models: dict, grids: dict, expected: dict, out: dict) -> None:
+    """Bands that cannot be run on (errors at the first call), or run with a documented difference (a warning)."""
+    model, anything = models["ulysses"], models["ulysses_anything"]
     tm.apply(model, tm.ToDo(4, blocks=ALL))  # 12 rows: bands of 6 rows keep rows {0, 4} and {8}
     out["errors"]["ulysses", "todo-4@12x16"] = error(lambda: generate(model, grids[12, 16], steps=1))
-    out["errors"]["ulysses", "rows@5x6"] = error(lambda: generate(model, denoiser_inputs(model, 2, 5, 6, text=8)))
+    out["errors"]["ulysses", "rows@5x6"] = error(lambda: generate(model, grids[5, 6]))  # 15 tokens per rank
     tm.remove(model)
-    anything = models["ulysses_anything"]
-    out["rel"]["ulysses_anything", "todo-4@12x16"] = rel(
-        with_method(anything, tm.ToDo(4, blocks=ALL), grids[12, 16]), expected["todo-4@12x16"]
-    )
+    todo = with_method(anything, tm.ToDo(4, blocks=ALL), grids[12, 16])
+    out["rel"]["ulysses_anything", "todo-4@12x16"] = rel(todo, expected["todo-4@12x16"])
     tm.apply(anything, tm.ToMA(0.5, blocks=ALL))
-    out["errors"]["ulysses_anything", "rows@15x16"] = error(
-        lambda: generate(anything, denoiser_inputs(anything, 2, 15, 16, text=8))
-    )
+    out["errors"]["ulysses_anything", "rows@15x16"] = error(lambda: generate(anything, grids[15, 16]))
     with warnings.catch_warnings(record=True) as caught:  # 6-row bands of 4-row tiles: each rank tiles its rows
         warnings.simplefilter("always")
         generate(anything, grids[12, 16], steps=1)
@@ -139,23 +155,34 @@ def rank_checks(rank: int, world: int) -> dict[str, Any]:
     )
     tm.remove(anything)
 
-    # applied before enable_parallelism: the same result; a refused method raises at the first call
-    before = build_dit("tiny-flux")
-    tm.apply(before, BAND_METHODS["toma"])
-    before.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
-    out["rel"]["ulysses", "toma applied first"] = rel(generate(before, inputs), expected["toma"])
-    refused = build_dit("tiny-flux")
-    tm.apply(refused, REFUSED["tomesd"])
-    refused.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
-    out["errors"]["ulysses", "tomesd applied first"] = error(lambda: generate(refused, inputs, steps=1))
 
-    # a model whose adapter does not find bands, split by a plan of the user's own (diffusers ships none for SD3)
+def check_apply_order(inputs: dict, expected: dict, out: dict) -> None:
+    """Applied before enable_parallelism: the same result; a refused method raises at the first call."""
+    from diffusers import ContextParallelConfig
+
+    from tokenmerge.archs import build_dit
+
+    for name, method in (("toma", BAND_METHODS["toma"]), ("tomesd", REFUSED["tomesd"])):
+        model = build_dit("tiny-flux")
+        tm.apply(model, method)
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
+        if name == "toma":
+            out["rel"]["ulysses", "toma applied first"] = rel(generate(model, inputs), expected["toma"])
+        else:
+            out["errors"]["ulysses", "tomesd applied first"] = error(lambda model=model: generate(model, inputs))
+
+
+def check_unsupported_model(out: dict) -> None:
+    """A model whose adapter finds no bands, split by a plan of the user's own (diffusers ships none for SD3)."""
+    from diffusers import ContextParallelConfig
+    from diffusers.models._modeling_parallel import ContextParallelOutput
+
+    from tokenmerge.archs import build_dit
+
     sd3 = build_dit("tiny-sd3")
-    sd3.enable_parallelism(
-        config=ContextParallelConfig(ulysses_degree=2), cp_plan={"proj_out": ContextParallelOutput(gather_dim=1)}
-    )
+    plan = {"proj_out": ContextParallelOutput(gather_dim=1)}
+    sd3.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2), cp_plan=plan)
     out["errors"]["ulysses", "toma on sd3"] = error(lambda: tm.apply(sd3, tm.ToMA(0.5)))
-    return out
 
 
 @pytest.fixture(scope="module")
