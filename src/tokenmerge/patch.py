@@ -28,6 +28,7 @@ from tokenmerge.caches import check_caches
 from tokenmerge.hooks import BlockRun, install_block
 from tokenmerge.lifecycle import PipelineLink
 from tokenmerge.methods.base import Generation, Layout, Method, PlanCache
+from tokenmerge.parallel import Band, context_parallel
 from tokenmerge.plans import KVPlan, MergePlan
 from tokenmerge.steps import Change, StepTracker
 from tokenmerge.summary import Counters, Summary, Unmerged, summarize
@@ -94,7 +95,8 @@ class Patch:
         self.generation = Generation()
         self.caches: dict[str, PlanCache] = {}  # reuse group (or block) name -> cache, for this generation
         self.counters = Counters()
-        self.warned: set[Unmerged] = set()
+        self.warned: set[Unmerged | str] = set()
+        self.band: Band | None = None  # this rank's band at the last call under context parallelism
         self.handles: list[RemovableHandle] = []
         self.link: PipelineLink | None = None  # the pipeline's scheduler and progress bar, wrapped
         self.merged_fraction: float | None = None  # FLOP counting on a twin: see Generation.merged_fraction
@@ -136,6 +138,7 @@ class Patch:
     def check(self) -> None:
         check_model(self.method, self.sites)
         check_caches(self.method, self.adapter.model, self.sites)
+        check_parallel(self.method, self.adapter)
 
     # ---- step tracking (denoiser hooks and pipeline events) -------------------------------------------------------
 
@@ -218,6 +221,8 @@ class Patch:
 
     def plan_block(self, run: BlockRun, x: torch.Tensor) -> None:
         """Plan ``run``'s block call from its input tokens ``x`` ``(B, N, C)``; record its tokens in and out."""
+        if run.site.grid.band != self.generation.band:
+            self.enter_band(run.site.grid.band)
         hw, method = run.site.grid.hw, self.method
         plan, reason = None, None
         if not self.tracker.active:
@@ -242,6 +247,27 @@ class Patch:
             if reason is None:
                 self.counters.merged(n, out, method.mergeable(hw))
 
+    def enter_band(self, band: Band | None) -> None:
+        """Plans from now on are made on ``band``, this rank's image rows under context parallelism (first seen in
+        this generation, e.g. at the first call after ``enable_parallelism``): raise ``ValueError`` if the method or
+        the band cannot be run on, warn once if the result differs from a single-device run."""
+        if band is not None:
+            check_parallel(self.method, self.adapter)
+            setting = band.setting
+            if not band.whole_rows:
+                raise ValueError(
+                    f"{self.method.describe()} under context parallelism ({setting.describe()}): rank {setting.rank} "
+                    f"holds image tokens {band.start}-{band.start + band.count - 1} of the {band.height}x{band.width} "
+                    f"grid, not whole rows, and merges are planned on rows: use a resolution whose {band.height} token "
+                    f"rows split evenly over {setting.world} ranks"
+                )
+            note = self.method.check_band(band)
+            if note is not None and note not in self.warned:
+                self.warned.add(note)
+                warn(f"{self.method.describe()} under context parallelism ({setting.describe()}): {note}")
+            self.band = band
+        self.generation.band = band
+
     def cache(self, site: Site) -> PlanCache:
         key = site.name if self.method.cache_scope == "block" else site.group
         cache = self.caches.get(key)
@@ -252,7 +278,9 @@ class Patch:
     # ---- summary, copies --------------------------------------------------------------------------------------------
 
     def summary(self) -> Summary:
-        return summarize(self.name, self.method, self.runs, self.counters)
+        setting = context_parallel(self.adapter.model)
+        parallel = self.band.describe() if self.band is not None else setting.member() if setting else None
+        return summarize(self.name, self.method, self.runs, self.counters, parallel)
 
     def __deepcopy__(self, memo: dict) -> Patch:
         """A copy for a copied model: hooks and caches of its own. Copied with its pipeline, it follows the copied
@@ -285,6 +313,22 @@ def check_model(method: Method, sites: list[Site]) -> None:
                 f"{method.describe()}: {site.name} runs fused query/key/value projections ({processor}); keys/values "
                 "methods need separate to_k/to_v (call unfuse_qkv_projections())"
             )
+
+
+def check_parallel(method: Method, adapter: Adapter) -> None:
+    """Under diffusers' context parallelism (``enable_parallelism``): raise ``ValueError`` naming the method and the
+    setting unless the adapter finds each rank's band and the method plans on bands (:meth:`Method.check_parallel`);
+    a method that merges nothing by design (no roles) runs anywhere."""
+    setting = context_parallel(adapter.model)
+    if setting is None or not method.roles:
+        return
+    if not adapter.finds_bands:
+        raise ValueError(
+            f"{method.describe()} cannot run under context parallelism ({setting.describe()}) on "
+            f"{type(adapter.model).__name__}: tokenmerge finds each rank's band of image rows on "
+            "FluxTransformer2DModel only"
+        )
+    method.check_parallel(setting)
 
 
 def explain_placement(method: Method, adapter: Adapter, sites: list[Site]) -> None:

@@ -130,7 +130,8 @@ class Summary:
     ran compiled: blocks reported tokens but no call was counted). ``flops``: the FLOP cut of the last call (eager
     mode; ``None`` before a call or where the model's twin cannot be counted). ``merged_fraction``: of the tokens
     the current or last generation's merged block calls could merge away (:meth:`Method.mergeable`), the share they
-    did (``None`` before any).
+    did (``None`` before any). ``parallel``: under context parallelism, which rank of which group this is and the
+    band of image rows it holds (the block tokens are this rank's).
     """
 
     model: str
@@ -145,6 +146,7 @@ class Summary:
     counted: bool = True
     merged_fraction: float | None = None
     flops: FlopCut | None = None
+    parallel: str | None = None
 
     @property
     def applied(self) -> bool:
@@ -159,6 +161,8 @@ class Summary:
             return f"tokenmerge: {self.model} is not patched"
         groups = ", ".join(f"{g} {n}" for g, n in self.blocks_per_group().items()) or "none"
         lines = [f"tokenmerge: {self.method} on {self.model}", f"patched blocks: {len(self.blocks)} ({groups})"]
+        if self.parallel is not None:
+            lines.append(f"context parallel: {self.parallel}; tokens below are this rank's")
         if not self.counted:
             lines.append("calls: not counted (compiled: the hooks run inside the graph)")
         else:
@@ -184,8 +188,11 @@ def _count(n: int | None) -> str:
     return "-" if n is None else str(n)
 
 
-def summarize(model: str, method: Method, runs: list[BlockRun], counters: Counters) -> Summary:
-    """The :class:`Summary` of a patch: ``method`` on the ``runs`` of a ``model``, with its ``counters``."""
+def summarize(
+    model: str, method: Method, runs: list[BlockRun], counters: Counters, parallel: str | None = None
+) -> Summary:
+    """The :class:`Summary` of a patch: ``method`` on the ``runs`` of a ``model``, with its ``counters`` (and the
+    rank's band under context parallelism)."""
     blocks = tuple(
         BlockSummary(
             name=run.site.name,
@@ -209,6 +216,7 @@ def summarize(model: str, method: Method, runs: list[BlockRun], counters: Counte
         steps_merged=len(counters.steps_merged),
         counted=counters.calls > 0 or all(run.tokens_in is None for run in runs),
         merged_fraction=counters.merged_tokens / counters.mergeable_tokens if counters.mergeable_tokens else None,
+        parallel=parallel,
     )
 
 

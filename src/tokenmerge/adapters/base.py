@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from tokenmerge.parallel import Band
+
 #: Block placement: kind -> half-open index ranges ``((start, stop), ...)``, ``stop`` None = to the end.
 Blocks = Mapping[str, tuple[tuple[int, int | None], ...]]
 #: diffusers attention processors that run ``F.scaled_dot_product_attention`` with ``attention_mask`` added to the
@@ -25,9 +27,11 @@ MASK_BACKENDS = frozenset({"native", "_native_math", "_native_efficient", "_nati
 
 @dataclass(eq=False)
 class GridSlot:
-    """The ``(H, W)`` token grid of the blocks it is shared by, written by a hook before they run."""
+    """The ``(H, W)`` token grid of the blocks it is shared by, written by a hook before they run; under context
+    parallelism (adapters that find bands) the grid of this rank's ``band`` of image rows."""
 
     hw: tuple[int, int] | None = None
+    band: Band | None = None
 
 
 @dataclass(eq=False, kw_only=True)
@@ -153,6 +157,9 @@ class Adapter(ABC):
     text_tokens: ClassVar[int] = 77
     #: Position of ``encoder_hidden_states`` among the forward's arguments.
     text_index: ClassVar[int] = 1
+    #: Whether the adapter finds each rank's band of image rows under diffusers' context parallelism
+    #: (:attr:`GridSlot.band`); the patch refuses to run under context parallelism on other models.
+    finds_bands: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

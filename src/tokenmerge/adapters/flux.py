@@ -18,6 +18,13 @@ diffusers' attention dispatch, unchanged.
 Token grid: from ``img_ids`` (row, column per packed token); a layout that is not one row-major ``H x W`` grid
 (e.g. Kontext's extra reference-image tokens) is left unmerged.
 
+Context parallelism (``enable_parallelism``, diffusers' ``_cp_plan``): the model's input hook splits
+``hidden_states``, ``encoder_hidden_states``, ``img_ids`` and ``txt_ids`` along the sequence inside its forward, so
+the torch pre-hook still sees the whole grid, and ``x_embedder`` (this rank's image token count) and ``pos_embed``
+(this rank's ``[text, image]`` ids, hence its rotary tables) see the rank's part. The blocks then run on this rank's
+band (:class:`~tokenmerge.parallel.Band`): the grid is the band's, found by locating the rank's image ids in the
+whole grid's.
+
 Default placement scales with depth: the first ``round(5 * n / 19)`` of ``n`` double-stream blocks and the first
 ``round(5 * n / 38)`` of ``n`` single-stream blocks stay full (Flux.1's 19 + 38 blocks: five of each, the ToMA
 reference placement; a 2 + 4-block model: one of each; a kind of one block: none).
@@ -33,6 +40,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from tokenmerge.adapters.base import Adapter, Blocks, CallShape, GridSlot, Site, call_arg, example_tensor
+from tokenmerge.parallel import Band, ContextParallel, context_parallel
 from tokenmerge.plans import KVPlan
 
 
@@ -42,7 +50,9 @@ class RotarySlot(GridSlot):
     def __init__(self) -> None:
         super().__init__()
         self.freqs: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.current = False  # hw was read from this generation's img_ids
+        self.image: tuple[int, int] | None = None  # the whole image grid
+        self.current = False  # image was read from this generation's img_ids
+        self.split: Split | None = None  # this call runs context parallel: its band is still to be found
         self._memo: dict[str, tuple[Any, Any, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def image_freqs(self, plan: Any, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,13 +118,26 @@ def default_full(kind: str, count: int) -> int:
     return round(full * count / depth)
 
 
+@dataclass(eq=False)
+class Split:
+    """A call under context parallelism, until its band is found: the setting, the whole image grid and ids (as the
+    model was called) and the number of image tokens this rank holds (``x_embedder``'s input)."""
+
+    setting: ContextParallel
+    image: tuple[int, int]
+    ids: torch.Tensor
+    tokens: int | None = None
+
+
 class FluxAdapter(Adapter):
     """Sites ``transformer_blocks.i`` (kind/group ``double``) and ``single_transformer_blocks.i`` (``single``),
-    at downsample 1; by default the first blocks of each kind stay full (:func:`default_full`).
+    at downsample 1; by default the first blocks of each kind stay full (:func:`default_full`). Under context
+    parallelism the blocks see this rank's band of image rows.
 
     Position ids on the meta device (FLOP counting on a weightless twin) carry no values: the grid of the last
     :meth:`example_inputs` built there stands in for theirs."""
 
+    finds_bands = True
     pixels_per_cell = 16
     text_tokens = 512
 
@@ -200,25 +223,43 @@ class FluxAdapter(Adapter):
     def install_grid_hooks(self, sites: list[Site]) -> list[RemovableHandle]:
         return [
             self.model.register_forward_pre_hook(self.record_grid, with_kwargs=True),
+            self.model.x_embedder.register_forward_pre_hook(self.record_tokens),
             self.model.pos_embed.register_forward_hook(self.record_freqs),
         ]
 
     def record_grid(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Pre-hook of the model: the grid from ``img_ids`` (compiled: once per generation)."""
+        """Pre-hook of the model: the grid from ``img_ids`` (compiled: once per generation). Under context
+        parallelism the blocks' grid is left unknown until ``pos_embed`` shows this rank's band."""
         slot = self.slot
         x, ids = call_arg(args, kwargs, "hidden_states", 0), call_arg(args, kwargs, "img_ids", 4)
         if not (isinstance(x, torch.Tensor) and x.ndim == 3 and isinstance(ids, torch.Tensor)):
-            slot.hw = None
+            slot.image = None
         elif ids.is_meta:
-            slot.hw = self.meta_grid if self.meta_grid and self.meta_grid[0] * self.meta_grid[1] == x.shape[1] else None
+            meta = self.meta_grid
+            slot.image = meta if meta and meta[0] * meta[1] == x.shape[1] else None
         elif not slot.current or not torch.compiler.is_compiling():
-            slot.hw, slot.current = _eager_grid(ids, x.shape[1]), True
-        slot.freqs = None
+            slot.image, slot.current = _eager_grid(ids, x.shape[1]), True
+        slot.hw, slot.freqs, slot.band, slot.split = slot.image, None, None, None
+        setting = context_parallel(self.model)
+        if setting is not None and slot.image is not None:
+            slot.hw, slot.split = None, Split(setting, slot.image, ids[0] if ids.ndim == 3 else ids)
+
+    def record_tokens(self, module: nn.Module, args: tuple) -> None:
+        """Pre-hook of ``x_embedder`` under context parallelism: how many image tokens this rank holds."""
+        split = self.slot.split
+        if split is not None and args and isinstance(args[0], torch.Tensor) and args[0].ndim == 3:
+            split.tokens = args[0].shape[1]
 
     def record_freqs(self, module: nn.Module, args: tuple, output: Any) -> None:
-        """Forward hook of ``pos_embed``: the rotary tables ``(cos, sin)`` of this call."""
+        """Forward hook of ``pos_embed``: the rotary tables ``(cos, sin)`` of this call; under context parallelism
+        also this rank's band, from the image part of the ids it got (``[text, image]``)."""
+        slot = self.slot
         ok = isinstance(output, tuple) and len(output) == 2 and all(isinstance(f, torch.Tensor) for f in output)
-        self.slot.freqs = output if ok and output[0].ndim == 2 else None
+        slot.freqs = output if ok and output[0].ndim == 2 else None
+        split, slot.split = slot.split, None
+        if split is not None and split.tokens is not None and slot.freqs is not None:
+            slot.band = _eager_band(split, args[0][args[0].shape[0] - split.tokens :], split.tokens)
+            slot.hw = slot.band.grid if slot.band.whole_rows else None
 
     def start_generation(self) -> None:
         self.slot.current = False
@@ -244,6 +285,23 @@ def _eager_grid(ids: torch.Tensor, n: int) -> tuple[int, int] | None:
     compiled denoiser reads them at the first call of a generation only (a graph break there, none later; within a
     generation the ids stay the same), an eager one at every call."""
     return grid_from_ids(ids, n)
+
+
+@torch.compiler.disable
+def _eager_band(split: Split, ids: torch.Tensor, n: int) -> Band:
+    """The band of a rank's ``n`` image ids ``(n, 3)`` in the whole grid's (eager: it reads their values). Raises
+    ``ValueError`` unless they are one contiguous run of the row-major grid's tokens, as diffusers' sequence split
+    makes them."""
+    h, w = split.image
+    whole, ids = split.ids, ids.to(split.ids.dtype)
+    start = int(ids[0, 1] - whole[0, 1]) * w + int(ids[0, 2] - whole[0, 2])
+    if not 0 <= start <= h * w - n or not torch.equal(whole[start : start + n], ids):
+        raise ValueError(
+            f"context parallelism ({split.setting.describe()}): the {n} image tokens of rank {split.setting.rank} are "
+            f"not one contiguous run of the {h}x{w} token grid, so their rows are unknown; token merging needs "
+            "diffusers' sequence split of the image tokens"
+        )
+    return Band(start, n, h, w, split.setting)
 
 
 @dataclass(eq=False)

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from tokenmerge.parallel import Band, ContextParallel
 from tokenmerge.plans import KVPlan, MergePlan
 
 #: Sub-modules of a transformer block a method can run on merged tokens.
@@ -75,8 +76,9 @@ class LayoutView:
 @dataclass(eq=False)
 class Generation:
     """What every block shares during one generation (made new at each): the steps it runs (the scheduler's count
-    less those an img2img ``strength`` skips; ``None`` for a bare denoiser) and a random generator methods draw from
-    in block call order (made at the first draw).
+    less those an img2img ``strength`` skips; ``None`` for a bare denoiser), a random generator methods draw from
+    in block call order (made at the first draw) and, under context parallelism, the band of image rows this rank
+    holds (set before its first plan; ``None``: the whole image).
 
     ``merged_fraction``: set when FLOPs are counted on a weightless twin (meta tensors carry no similarities):
     methods whose merge count depends on the content (CA-ToMe's threshold) merge this fraction of their candidate
@@ -85,6 +87,7 @@ class Generation:
 
     num_steps: int | None = None
     rng: torch.Generator | None = None
+    band: Band | None = None
     merged_fraction: float | None = None
 
 
@@ -132,6 +135,10 @@ class Method(ABC):
     #: True when how many tokens merge depends on the content (a similarity threshold): FLOPs are then counted at a
     #: given fraction of the candidates merged (:attr:`Generation.merged_fraction`).
     content_adaptive: ClassVar[bool] = False
+    #: Whether plans made on one rank's band of whole image rows (context parallelism) are the whole image's plans
+    #: restricted to the band, up to :meth:`check_band`: methods that decide within tiles or cells at fixed grid
+    #: positions (ToMA, ToDo). Methods that match across the whole image (ToMeSD, CA-ToMe) are refused there.
+    band_local: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -215,6 +222,22 @@ class Method(ABC):
         depend on the step. Default: the step itself.
         """
         return step
+
+    def check_parallel(self, setting: ContextParallel) -> None:
+        """Raise ``ValueError`` unless this method can run under context parallelism ``setting`` (each rank plans
+        on its band of image rows): only :attr:`band_local` methods can."""
+        if not self.band_local:
+            raise ValueError(
+                f"{self.describe()} cannot run under context parallelism ({setting.describe()}): it matches tokens "
+                "across the whole image, and each rank holds only a band of its rows, so the result would differ from "
+                "a single-device run; use ToMA or ToDo, or run without context parallelism"
+            )
+
+    def check_band(self, band: Band) -> str | None:
+        """For a :attr:`band_local` method on one rank's ``band`` of whole rows: raise ``ValueError`` (naming
+        ``band.setting``) if it cannot run there; else how its result differs from a single-device run (the patch
+        warns once), or ``None`` where it equals it."""
+        return None
 
     def new_cache(self, generation: Generation | None = None) -> PlanCache:
         """An empty cache of :attr:`cache_type` for ``generation`` (default: a new one)."""

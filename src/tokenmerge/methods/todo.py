@@ -9,6 +9,7 @@ import torch
 
 from tokenmerge.methods.base import Method, PlanCache, integer
 from tokenmerge.ops.downsample import downsample_tokens
+from tokenmerge.parallel import Band
 from tokenmerge.plans import KVPlan
 
 
@@ -16,22 +17,25 @@ from tokenmerge.plans import KVPlan
 class DownsampledKV(KVPlan):
     """Self-attention keys/values from the ``factor``-downsampled grid:
     ``(B, H*W, C) -> (B, ceil(H/f) * ceil(W/f), C)``; ``kv_index`` ``(M,)``: the grid positions of the kept tokens,
-    in ``kv`` order."""
+    in ``kv`` order. On a band of a larger grid (context parallelism) the kept rows start at ``first_row``, so that
+    the band keeps the rows the whole grid keeps."""
 
     grid: tuple[int, int]
     factor: int
+    first_row: int = 0
     kv_index: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         h, w = self.grid
-        self.kv_index = (torch.arange(0, h, self.factor).view(-1, 1) * w + torch.arange(0, w, self.factor)).flatten()
+        rows = torch.arange(self.first_row, h, self.factor)
+        self.kv_index = (rows.view(-1, 1) * w + torch.arange(0, w, self.factor)).flatten()
 
     @property
     def num_kv(self) -> int:
         return self.kv_index.shape[0]
 
     def kv(self, x: torch.Tensor) -> torch.Tensor:
-        return downsample_tokens(x, self.grid, self.factor)
+        return downsample_tokens(x, self.grid, self.factor, self.first_row)
 
 
 @dataclass(eq=False)
@@ -63,6 +67,7 @@ class ToDo(Method):
 
     keys_values = True
     cache_type = KVCache
+    band_local = True
 
     def validate(self) -> None:
         self._set("factor", integer("factor", self.factor, 1))
@@ -78,7 +83,24 @@ class ToDo(Method):
     def phase(self, step: int, num_steps: int | None) -> None:
         return None  # plans do not depend on the step
 
+    def check_band(self, band: Band) -> str | None:
+        """Every band keeps the rows the whole grid keeps (every ``factor``-th from its first row), so the keys are
+        a single-device run's; raises ``ValueError`` where the ranks then keep different numbers of rows and the
+        attention needs equal lengths (all but ``*_anything``)."""
+        f, rows = self.factor, band.rows
+        kept = sorted({len(range(-r * rows % f, rows, f)) for r in range(band.setting.world)})
+        if len(kept) > 1 and band.setting.equal_lengths:
+            raise ValueError(
+                f"{self.describe()} under context parallelism ({band.setting.describe()}): the ranks' {rows}-row bands "
+                f"of the {band.height}x{band.width} grid keep {' or '.join(map(str, kept))} rows of keys (every "
+                f"{f}-th row), but the attention needs equal lengths on every rank: use a factor that divides {rows}, "
+                "another resolution, or ulysses_anything=True / ring_anything=True"
+            )
+        return None
+
     def plan(self, x: torch.Tensor, grid: tuple[int, int], cache: KVCache, phase: Hashable) -> DownsampledKV:
-        if cache.plan is None or cache.plan.grid != grid:
-            cache.plan = DownsampledKV(grid, self.factor)
+        band = cache.generation.band
+        first = 0 if band is None else -band.row % self.factor
+        if cache.plan is None or cache.plan.grid != grid or cache.plan.first_row != first:
+            cache.plan = DownsampledKV(grid, self.factor, first)
         return cache.plan

@@ -27,6 +27,7 @@ from tokenmerge.methods.base import (
 from tokenmerge.ops.select import TIE_TOL
 from tokenmerge.ops.tiles import TileGrid
 from tokenmerge.ops.toma import MergedKV, TileMerge, toma_merge
+from tokenmerge.parallel import Band
 
 logger = logging.getLogger("tokenmerge")
 
@@ -123,6 +124,7 @@ class ToMA(FlagRoles, Method):
     merge_every: int = 1
 
     cache_type = ToMACache
+    band_local = True
 
     def validate(self) -> None:
         self._set("ratio", check_ratio(self.ratio))
@@ -204,6 +206,18 @@ class ToMA(FlagRoles, Method):
             dataclasses.replace(self, mode="tokens"),
             dataclasses.replace(self, mode="tokens", **layout.everywhere()),
         ]
+
+    def check_band(self, band: Band) -> str | None:
+        """Each rank tiles its own band. Bands of whole tile rows (every band is ``band.rows`` high) give the very
+        tiles of the whole grid, so the result equals a single-device run; other bands are tiled from their first
+        row, tiles cut at band edges (a different tiling: the returned note)."""
+        tile_h = min(self.tile[0], band.height)
+        if band.rows % tile_h == 0:
+            return None
+        return (
+            f"its {band.rows}-row bands of the {band.height}x{band.width} grid are not whole {tile_h}-row tiles: each "
+            "rank tiles its own rows (tiles cut at band edges), so the result differs from a single-device run"
+        )
 
     @property
     def keys_values(self) -> bool:  # type: ignore[override]
