@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +30,14 @@ from tokenmerge.patch import Patch, adapter_for, find_denoiser, layout_of, place
 
 logger = logging.getLogger("tokenmerge")
 
-_TWINS: dict[tuple[str, str], Twin] = {}
+_TWINS: dict[tuple[str, str], Twin] = {}  # (class, config) -> its twin
+_ARCHS: dict[str, nn.Module] = {}  # built-in architecture -> its model on the meta device
+
+
+def forget_twins() -> None:
+    """Drop every twin and what was counted on it (to measure the cost model from scratch, or free its memory)."""
+    _TWINS.clear()
+    _ARCHS.clear()
 
 
 @dataclass(eq=False)
@@ -45,31 +51,28 @@ class Twin:
 
     @classmethod
     def of(cls, obj: Any) -> Twin:
-        """The twin of a pipeline's (or a denoiser's) model, shared by every model of the same class and config."""
+        """The twin of a pipeline's (or a denoiser's) model, shared by every model of the same class and config (a
+        model already on the meta device is its own twin)."""
         model = find_denoiser(obj)
         config = dict(model.config)
         key = (type(model).__qualname__, json.dumps(config, sort_keys=True, default=str))
         if key not in _TWINS:
-            with torch.device("meta"):
-                twin = type(model).from_config(config).eval()
-            _TWINS[key] = cls(twin, adapter_for(twin))
+            if not all(p.is_meta for p in model.parameters()):
+                with torch.device("meta"):
+                    model = type(model).from_config(config).eval()
+            _TWINS[key] = cls(model, adapter_for(model))
         return _TWINS[key]
 
     @classmethod
     def build(cls, arch: str) -> Twin:
         """The twin of a built-in architecture (:mod:`tokenmerge.archs`), e.g. ``"sdxl"`` or ``"flux-dev"``."""
-        if arch in UNET_CONFIGS:
-            key = ("arch", arch)
-            builder: Callable[[str], nn.Module] = build_unet
-        elif arch in DIT_CONFIGS:
-            key, builder = ("arch", arch), build_dit
-        else:
-            raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join([*UNET_CONFIGS, *DIT_CONFIGS])}")
-        if key not in _TWINS:
+        if arch not in _ARCHS:
+            if arch not in UNET_CONFIGS and arch not in DIT_CONFIGS:
+                known = ", ".join([*UNET_CONFIGS, *DIT_CONFIGS])
+                raise ValueError(f"unknown architecture {arch!r}; choose from {known}")
             with torch.device("meta"):
-                model = builder(arch)
-            _TWINS[key] = cls(model, adapter_for(model))
-        return _TWINS[key]
+                _ARCHS[arch] = (build_unet if arch in UNET_CONFIGS else build_dit)(arch)
+        return cls.of(_ARCHS[arch])
 
     def generation(
         self, method: Method | None, shape: CallShape, steps: int = 1, merged_fraction: float | None = None

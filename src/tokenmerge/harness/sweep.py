@@ -162,7 +162,7 @@ SWEEPS: dict[str, MethodSweep] = {
         values=(0.125, 0.25, 0.375, 0.5, 0.625, 0.75),
         quick_values=(0.25, 0.5, 0.75),
         presets=(
-            Preset("default", doc="mode auto: keys/values at the finest UNet level; DiTs: tokens mode, whole blocks"),
+            Preset("default", doc="mode and placement auto: chosen per model from its FLOPs (ToMA.resolve)"),
             Preset("tokens", TOKENS, doc="tokens mode: whole blocks (self-attention, cross-attention, MLP), <= 4x"),
             Preset("attn", {**TOKENS, **ATTN_ONLY}, doc="tokens mode, self-attention only, same levels / blocks"),
             Preset("top", {**TOKENS, **ATTN_ONLY}, "top", doc="UNet: tokens mode, self-attention at the top level"),
