@@ -52,7 +52,8 @@ def apply(obj: Any, method: Method) -> Any:
     """Patch a diffusers pipeline (or its denoiser module) in place with ``method``; returns ``obj``.
 
     Options left ``"auto"`` are first made concrete for the model (:meth:`Method.resolve`; ``tm.summary``
-    shows the result). Applying again replaces the previous patch. A method that changes nothing (ratio 0) leaves
+    shows the result), and again at every pipeline call's start (what one becomes can depend on the attention
+    backend). Applying again replaces the previous patch. A method that changes nothing (ratio 0) leaves
     the model unpatched.
     Raises ``ValueError`` when the method cannot run on this model or its attention backend (e.g. a key mask where
     the attention takes none), before anything changes (a previous patch stays); warns when its options patch no
@@ -62,16 +63,17 @@ def apply(obj: Any, method: Method) -> Any:
         raise TypeError(f"expected a tokenmerge method such as tm.ToMA(...), got {type(method).__name__}")
     model = find_denoiser(obj)
     adapter = adapter_for(model)
-    concrete = method.resolve(View(adapter))
+    view = View(adapter)
+    concrete = method.resolve(view)
+    layout = view.layout
     if concrete != method:
-        logger.info("%s on %s is %s", method.describe(), type(model).__name__, concrete.describe())
-    method = concrete
-    patch = None if method.is_identity else Patch(method, adapter)
+        logger.info("%s on %s is %s", method.describe(layout), type(model).__name__, concrete.describe(layout))
+    patch = None if concrete.is_identity else Patch(concrete, adapter, method, view)
     if patch is not None:
         patch.check()
     remove(obj)
     if patch is None:
-        logger.info("%s changes nothing: %s left unpatched", method.describe(), type(model).__name__)
+        logger.info("%s changes nothing: %s left unpatched", concrete.describe(layout), type(model).__name__)
         return obj
     patch.install(None if isinstance(obj, nn.Module) else obj)
     setattr(model, PATCH_ATTR, patch)
@@ -104,7 +106,7 @@ def applied(obj: Any, method: Method) -> Iterator[Any]:
     finally:
         remove(obj)
         if before is not None:
-            apply(obj, before.method)
+            apply(obj, before.requested)
 
 
 def summary(obj: Any) -> Summary:

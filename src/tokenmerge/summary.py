@@ -21,7 +21,7 @@ class Unmerged(Enum):
     STEPS = "the step is not in steps="
     GRID = "the input is not one H x W token grid"
     PLAN = "the method has nothing to merge on this grid (smaller than a cell, or ratio * tokens < 1)"
-    KEEPS_ALL = "the plan keeps every token (ratio too small for the tile)"
+    KEEPS_ALL = "the plan keeps every token (a ratio too small for the tile, a threshold no pair reaches)"
     NO_BLOCKS = "no block is patched (max_downsample= / blocks=)"
     SKIPPED = "a step cache skipped every patched block (their outputs came from its cache)"
 
@@ -79,7 +79,9 @@ class Counters:
 @dataclass(frozen=True)
 class BlockSummary:
     """One patched block: where it is, which sub-modules run merged, and its last call's image tokens: ``tokens_in``
-    in, ``tokens_out`` what the merged sub-modules ran on (keys/values for ToDo; ``tokens_in`` when unmerged)."""
+    in, ``tokens_out`` what the merged sub-modules ran on (keys/values for ToDo; ``tokens_in`` when unmerged);
+    ``kernel``: which implementation built its last plan, where the method has several (ToMA: ``"triton"`` or
+    ``"torch"``, with why the kernels were not used), else ``None``."""
 
     name: str
     group: str
@@ -87,6 +89,7 @@ class BlockSummary:
     roles: tuple[str, ...]
     tokens_in: int | None
     tokens_out: int | None
+    kernel: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,11 @@ class Summary:
         """Patched blocks per reuse group (UNet level and path, or transformer block kind), in call order."""
         return dict(Counter(b.group for b in self.blocks))
 
+    def kernels(self) -> dict[str, int]:
+        """Which implementation built the blocks' last plans (ToMA: ``"triton"``, ``"torch"`` or why the Triton
+        kernels were not used) -> blocks; empty for methods with one implementation or before a merged call."""
+        return dict(Counter(b.kernel for b in self.blocks if b.kernel is not None))
+
     def __str__(self) -> str:
         if self.method is None:
             return f"tokenmerge: {self.model} is not patched"
@@ -129,6 +137,9 @@ class Summary:
             why = "; ".join(f"{n} x {reason}" for reason, n in self.unmerged.items())
             lines.append(f"calls: {self.calls}, merged: {self.merged_calls}" + (f", unmerged: {why}" if why else ""))
             lines.append(f"last generation: {self.steps_merged} of {self.steps_run} steps merged")
+        kernels = self.kernels()
+        if kernels:
+            lines.append("plans built by: " + "; ".join(f"{k} ({n} blocks)" for k, n in kernels.items()))
         if self.blocks:
             rows = [("block", "group", "down", "merged", "tokens in", "tokens out")]
             rows += [
@@ -146,8 +157,9 @@ def _count(n: int | None) -> str:
     return "-" if n is None else str(n)
 
 
-def summarize(model: str, method: Method, runs: list[BlockRun], counters: Counters) -> Summary:
-    """The :class:`Summary` of a patch: ``method`` on the ``runs`` of a ``model``, with its ``counters``."""
+def summarize(model: str, described: str, method: Method, runs: list[BlockRun], counters: Counters) -> Summary:
+    """The :class:`Summary` of a patch: ``method`` (``described`` so) on the ``runs`` of a ``model``, with its
+    ``counters``."""
     blocks = tuple(
         BlockSummary(
             name=run.site.name,
@@ -156,12 +168,13 @@ def summarize(model: str, method: Method, runs: list[BlockRun], counters: Counte
             roles=merged_roles(run.site, method),
             tokens_in=run.tokens_in,
             tokens_out=run.tokens_out,
+            kernel=run.kernel,
         )
         for run in runs
     )
     return Summary(
         model=model,
-        method=method.describe(),
+        method=described,
         blocks=blocks,
         calls=counters.calls,
         merged_calls=counters.merged_calls,
@@ -177,5 +190,5 @@ def merged_roles(site: Site, method: Method) -> tuple[str, ...]:
     """The sub-modules of ``site`` that run on fewer tokens (``attn:keys/values`` for keys/values methods)."""
     if method.keys_values:
         return ("attn:keys/values",)
-    present = site.modules.keys() | site.spans.keys()
+    present = site.roles()
     return tuple(role for role in ROLES if role in method.roles and role in present)

@@ -24,7 +24,8 @@ from tokenmerge.methods.base import (
 )
 from tokenmerge.ops.select import TIE_TOL
 from tokenmerge.ops.tiles import TileGrid
-from tokenmerge.ops.toma import MergedKV, TileMerge, toma_merge
+from tokenmerge.ops.toma import MergedKV, MergeOptions, TileMerge
+from tokenmerge.ops.toma_dispatch import toma_merge
 
 
 @dataclass(eq=False)
@@ -147,6 +148,11 @@ class ToMA(FlagRoles, Method):
         return self.ratio == 0.0
 
     @property
+    def merge_options(self) -> MergeOptions:
+        """The options a merge is built with (:func:`tokenmerge.ops.toma_dispatch.toma_merge`)."""
+        return MergeOptions(self.ratio, self.tau, self.tie_tol, self.locality)
+
+    @property
     def keys_values(self) -> bool:  # type: ignore[override]
         return self.mode == "kv"
 
@@ -187,7 +193,7 @@ class ToMA(FlagRoles, Method):
         if cache.merge is None or (weights_due and not cache.fresh):
             dest = None if dest_due else cache.dest
             tiles = TileGrid(*grid, *self.tile)
-            merge, cache.dest = toma_merge(x, tiles, self.ratio, self.tau, dest, self.tie_tol, self.locality)
+            merge, cache.dest = toma_merge(x, tiles, self.merge_options, dest)
             cache.merge = MergedKV(merge, self.kv_tokens == "destinations") if self.keys_values else merge
             cache.fresh = True
         return cache.merge
