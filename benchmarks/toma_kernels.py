@@ -67,25 +67,21 @@ def compare(x: torch.Tensor, grid: TileGrid, options: MergeOptions) -> dict[str,
     return {"dest_equal": same, "dest_equal_or_tied": tied, "max_abs_err": err}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ratio", type=float, default=0.5)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--tile", type=int, default=4)
-    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
-    parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--out", type=Path, default=Path("toma_kernels.json"))
-    args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
-    options = ToMA(ratio=args.ratio).merge_options  # ToMA's defaults (tau, tie tolerance, no locality)
-    cuda = torch.cuda.is_available()
+def kernel_rows(
+    options: MergeOptions, batch: int, tile: int, dtype: torch.dtype, repeats: int, cuda: bool
+) -> list[dict[str, object]]:
+    """One row per level: Triton vs torch on a random input (:func:`compare`), and on CUDA the latency of both."""
     rows = []
     with torch.inference_mode():
         for name, (side, channels) in (LEVELS if cuda else TINY).items():
             h, w = side if isinstance(side, tuple) else (side, side)
-            grid = TileGrid(h, w, args.tile, args.tile)
-            x = torch.randn(args.batch, h * w, channels, device="cuda" if cuda else "cpu").to(dtype)
-            row: dict[str, object] = {"level": name, **compare(x, grid, options)}
+            grid = TileGrid(h, w, tile, tile)
+            x = torch.randn(batch, h * w, channels, device="cuda" if cuda else "cpu").to(dtype)
+            row: dict[str, object] = {
+                "level": name,
+                "dtype": str(dtype).removeprefix("torch."),
+                **compare(x, grid, options),
+            }
             if cuda:
                 for path, build in (("torch", toma_merge_torch), ("triton", toma_merge_triton)):
                     plan, dest = build(x, grid, options)
@@ -100,13 +96,29 @@ def main() -> None:
                     def apply_fn(plan=plan, x=x, y=y) -> object:
                         return plan.unmerge(plan.merge(x) + y)
 
-                    row[f"{path}_plan_ms"] = round(cuda_median_ms(plan_fn, args.repeats), 4)
-                    row[f"{path}_weights_only_ms"] = round(cuda_median_ms(weights_fn, args.repeats), 4)
-                    row[f"{path}_merge_unmerge_ms"] = round(cuda_median_ms(apply_fn, args.repeats), 4)
+                    row[f"{path}_plan_ms"] = round(cuda_median_ms(plan_fn, repeats), 4)
+                    row[f"{path}_weights_only_ms"] = round(cuda_median_ms(weights_fn, repeats), 4)
+                    row[f"{path}_merge_unmerge_ms"] = round(cuda_median_ms(apply_fn, repeats), 4)
                 for key in ("plan", "weights_only", "merge_unmerge"):
                     row[f"speedup_{key}"] = round(row[f"torch_{key}_ms"] / row[f"triton_{key}_ms"], 3)
             rows.append(row)
-            print(json.dumps(row))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--tile", type=int, default=4)
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=Path("toma_kernels.json"))
+    args = parser.parse_args()
+    options = ToMA(ratio=args.ratio).merge_options  # ToMA's defaults (tau, tie tolerance, no locality)
+    cuda = torch.cuda.is_available()
+    rows = kernel_rows(options, args.batch, args.tile, getattr(torch, args.dtype), args.repeats, cuda)
+    for row in rows:
+        print(json.dumps(row))
     result = {
         "date": date.today().isoformat(),
         "device": torch.cuda.get_device_name() if cuda else "cpu",

@@ -246,7 +246,7 @@ if INNER:
 else:
 
     def test_triton_kernels_under_interpreter():
-        env = {**os.environ, "TRITON_INTERPRET": "1", INNER_FLAG: "1"}
+        env = {**os.environ, "TRITON_INTERPRET": "1", INNER_FLAG: "1", "OMP_NUM_THREADS": "1"}  # tiny tensors
         cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:warnings", "-p", "no:cacheprovider", "-x"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]  # 5 would mean: nothing collected

@@ -82,6 +82,8 @@ def toma_merge(
 ) -> tuple[TileMerge, list[torch.Tensor]]:
     """The ToMA merge of ``x`` ``(B, N, C)`` on ``grid`` (arguments and result as
     :func:`~tokenmerge.ops.toma.toma_merge_torch`), built by the kernels or the torch path (see the module doc)."""
+    if torch.compiler.is_compiling():  # inductor fuses the torch path itself (and no environment read in a graph)
+        return toma_merge_torch(x, grid, options, dest)
     mode = triton_mode()
     kernels = None if mode == "0" else fused_kernels(x, grid)
     if kernels is None:
@@ -102,9 +104,9 @@ def toma_merge(
 
 def fused_kernels(x: torch.Tensor, grid: TileGrid) -> ModuleType | None:
     """The kernels' module if they can build the merge of ``x`` on ``grid`` here, else ``None``: not on the CPU
-    (unless interpreted), not while ``torch.compile`` traces, not without triton."""
+    (unless interpreted), not without triton."""
     interpreted = x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-    if not (x.is_cuda or interpreted) or torch.compiler.is_compiling() or importlib.util.find_spec("triton") is None:
+    if not (x.is_cuda or interpreted) or importlib.util.find_spec("triton") is None:
         return None
     try:
         from tokenmerge.ops import triton_toma
