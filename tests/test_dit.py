@@ -228,6 +228,33 @@ def test_flux_single_stream_blocks_honour_merge_attn_and_merge_mlp(
     assert labels["single_transformer_blocks.0"] == roles and not torch.equal(merged, full)
 
 
+def test_flux_single_stream_attention_alone_matches_explicit_math() -> None:
+    """``merge_mlp=False``: x + gate * proj_out([A^T attn(M norm(x)), mlp(norm(x))]) on a single-stream block (the
+    attention on [text, merged image] at the destinations' rotary positions, the MLP on every token)."""
+    model = build_dit("tiny-flux")
+    b, t = 2, 4
+    inputs = denoiser_inputs(model, b, 6, 10, text=t)
+    freqs = model.pos_embed(torch.cat([inputs["txt_ids"], inputs["img_ids"]]))
+    tm.apply(model, tm.ToMA(ratio=0.5, merge_mlp=False, blocks={"double": [], "single": (1, 2)}))
+    block, run = model.single_transformer_blocks[1], model._tokenmerge.runs[0]
+    seen: dict = {}
+    block.register_forward_pre_hook(lambda m, a, kw: seen.update(kw=dict(kw)), with_kwargs=True)
+    block.register_forward_hook(lambda m, a, kw, out: seen.update(out=out, plan=run.plan), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+        kw, plan = seen["kw"], seen["plan"]
+        joint = torch.cat([kw["encoder_hidden_states"], kw["hidden_states"]], 1)
+        normed, gate = block.norm(joint, emb=kw["temb"])
+        merged = torch.cat([normed[:, :t], plan.merge(normed[:, t:])], 1)
+        tables = [tuple(torch.cat([f[:t], f[t:][plan.dest[i]]]) for f in freqs) for i in range(b)]
+        attn = torch.cat([block.attn(merged[i : i + 1], image_rotary_emb=tables[i]) for i in range(b)])
+        attn = torch.cat([attn[:, :t], plan.unmerge(attn[:, t:])], 1)
+        expected = joint + gate.unsqueeze(1) * block.proj_out(
+            torch.cat([attn, block.act_mlp(block.proj_mlp(normed))], 2)
+        )
+    torch.testing.assert_close(torch.cat(seen["out"], 1), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_dit_descriptions_leave_out_max_downsample() -> None:
     """Every block of a diffusion transformer is at the latent's resolution: ``max_downsample`` means nothing there."""
     model = build_dit("tiny-flux")
