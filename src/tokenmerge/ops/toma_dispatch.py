@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
@@ -191,9 +192,10 @@ def _describe(exc: BaseException) -> str:
 
 
 def _warn_once(error: str, message: str) -> None:
-    """Warn (and log) ``message`` the first time ``error`` is met in this process."""
-    if error in _warned:
+    """Warn (and log) ``message`` the first time an error like ``error`` (numbers aside) is met in this process."""
+    kind = re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "#", error)
+    if kind in _warned:
         return
-    _warned.add(error)
+    _warned.add(kind)
     logger.warning("%s", message)
     warnings.warn(f"tokenmerge: {message}", RuntimeWarning, stacklevel=4)
