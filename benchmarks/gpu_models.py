@@ -133,14 +133,6 @@ def configurations(flash: bool, compiled: bool) -> list[Config]:
     return configs
 
 
-def select(configs: list[Config], names: list[str] | None) -> list[Config]:
-    """The configurations named (with ``baseline`` and each one's reference); all if ``names`` is ``None``."""
-    if names is None:
-        return configs
-    keep = {"baseline", *names} | {c.reference for c in configs if c.name in names}
-    return [c for c in configs if c.name in keep]
-
-
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype) -> Iterator[None]:
     old = torch.get_default_dtype()
