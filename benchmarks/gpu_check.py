@@ -24,7 +24,7 @@ run goes on; the JSON files are rewritten as parts finish, so an interrupted run
 ``--out``: ``gpu_pipelines.json`` (parts pipelines and compile), ``gpu_kernels.json``, ``gpu_models.json``, each with
 ``meta.device`` (the GPU's name).
 
-    bash benchmarks/gpu_check.sh --out docs/results                    # on one GPU: about 4 minutes on an H200
+    bash benchmarks/gpu_check.sh --out docs/results                    # one GPU: meant for under 8 minutes
     PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh --tiny --device cpu --out /tmp/gpu   # CPU smoke (CI)
 """
 
