@@ -22,9 +22,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton_toma is imported: @triton.jit reads it
 
+from tokenmerge.methods.toma import ToMA
 from tokenmerge.ops.select import cosine_similarity
 from tokenmerge.ops.tiles import TileGrid
-from tokenmerge.ops.toma import toma_merge_torch
+from tokenmerge.ops.toma import MergeOptions, toma_merge_torch
 from tokenmerge.ops.triton_toma import toma_merge_triton
 
 LEVELS = {"64x64x640": (64, 640), "32x32x1280": (32, 1280)}  # grid side, channels
@@ -45,10 +46,10 @@ def cuda_median_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def compare(x: torch.Tensor, grid: TileGrid, ratio: float) -> dict[str, object]:
+def compare(x: torch.Tensor, grid: TileGrid, options: MergeOptions) -> dict[str, object]:
     """Triton vs torch on one input: destinations equal (or exact-arithmetic ties), max error of merge + unmerge."""
-    _, ref_dest = toma_merge_torch(x, grid, ratio)
-    got, got_dest = toma_merge_triton(x, grid, ratio)
+    _, ref_dest = toma_merge_torch(x, grid, options)
+    got, got_dest = toma_merge_triton(x, grid, options)
     same = all(torch.equal(a, b) for a, b in zip(ref_dest, got_dest, strict=True))
     tied = same
     if not same:  # rounding may decide exact ties differently: the first differing pick must be a near-tie
@@ -61,9 +62,47 @@ def compare(x: torch.Tensor, grid: TileGrid, ratio: float) -> dict[str, object]:
                 sim = sims[idx]
                 gains = sim.sum(-1) if step == 0 else (sim - sim[r[:step]].amax(0)).clamp_min(0).sum(-1)
                 tied &= abs(gains[r[step]] - gains[g[step]]).item() <= 1e-5 * max(1.0, gains.abs().max().item())
-    ref_same, _ = toma_merge_torch(x, grid, ratio, dest=got_dest)
+    ref_same, _ = toma_merge_torch(x, grid, options, dest=got_dest)
     err = (ref_same.unmerge(ref_same.merge(x)).float() - got.unmerge(got.merge(x)).float()).abs().max().item()
     return {"dest_equal": same, "dest_equal_or_tied": tied, "max_abs_err": err}
+
+
+def kernel_rows(
+    options: MergeOptions, batch: int, tile: int, dtype: torch.dtype, repeats: int, cuda: bool
+) -> list[dict[str, object]]:
+    """One row per level: Triton vs torch on a random input (:func:`compare`), and on CUDA the latency of both."""
+    rows = []
+    with torch.inference_mode():
+        for name, (side, channels) in (LEVELS if cuda else TINY).items():
+            h, w = side if isinstance(side, tuple) else (side, side)
+            grid = TileGrid(h, w, tile, tile)
+            x = torch.randn(batch, h * w, channels, device="cuda" if cuda else "cpu").to(dtype)
+            row: dict[str, object] = {
+                "level": name,
+                "dtype": str(dtype).removeprefix("torch."),
+                **compare(x, grid, options),
+            }
+            if cuda:
+                for path, build in (("torch", toma_merge_torch), ("triton", toma_merge_triton)):
+                    plan, dest = build(x, grid, options)
+                    y = plan.merge(x)
+
+                    def plan_fn(build=build, x=x, grid=grid) -> object:
+                        return build(x, grid, options)
+
+                    def weights_fn(build=build, x=x, grid=grid, dest=dest) -> object:
+                        return build(x, grid, options, dest=dest)
+
+                    def apply_fn(plan=plan, x=x, y=y) -> object:
+                        return plan.unmerge(plan.merge(x) + y)
+
+                    row[f"{path}_plan_ms"] = round(cuda_median_ms(plan_fn, repeats), 4)
+                    row[f"{path}_weights_only_ms"] = round(cuda_median_ms(weights_fn, repeats), 4)
+                    row[f"{path}_merge_unmerge_ms"] = round(cuda_median_ms(apply_fn, repeats), 4)
+                for key in ("plan", "weights_only", "merge_unmerge"):
+                    row[f"speedup_{key}"] = round(row[f"torch_{key}_ms"] / row[f"triton_{key}_ms"], 3)
+            rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -75,36 +114,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("toma_kernels.json"))
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
+    options = ToMA(ratio=args.ratio).merge_options  # ToMA's defaults (tau, tie tolerance, no locality)
     cuda = torch.cuda.is_available()
-    rows = []
-    with torch.inference_mode():
-        for name, (side, channels) in (LEVELS if cuda else TINY).items():
-            h, w = side if isinstance(side, tuple) else (side, side)
-            grid = TileGrid(h, w, args.tile, args.tile)
-            x = torch.randn(args.batch, h * w, channels, device="cuda" if cuda else "cpu").to(dtype)
-            row: dict[str, object] = {"level": name, **compare(x, grid, args.ratio)}
-            if cuda:
-                for path, build in (("torch", toma_merge_torch), ("triton", toma_merge_triton)):
-                    plan, dest = build(x, grid, args.ratio)
-                    y = plan.merge(x)
-
-                    def plan_fn(build=build, x=x, grid=grid) -> object:
-                        return build(x, grid, args.ratio)
-
-                    def weights_fn(build=build, x=x, grid=grid, dest=dest) -> object:
-                        return build(x, grid, args.ratio, dest=dest)
-
-                    def apply_fn(plan=plan, x=x, y=y) -> object:
-                        return plan.unmerge(plan.merge(x) + y)
-
-                    row[f"{path}_plan_ms"] = round(cuda_median_ms(plan_fn, args.repeats), 4)
-                    row[f"{path}_weights_only_ms"] = round(cuda_median_ms(weights_fn, args.repeats), 4)
-                    row[f"{path}_merge_unmerge_ms"] = round(cuda_median_ms(apply_fn, args.repeats), 4)
-                for key in ("plan", "weights_only", "merge_unmerge"):
-                    row[f"speedup_{key}"] = round(row[f"torch_{key}_ms"] / row[f"triton_{key}_ms"], 3)
-            rows.append(row)
-            print(json.dumps(row))
+    rows = kernel_rows(options, args.batch, args.tile, getattr(torch, args.dtype), args.repeats, cuda)
+    for row in rows:
+        print(json.dumps(row))
     result = {
         "date": date.today().isoformat(),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -112,6 +126,7 @@ def main() -> None:
         "batch": args.batch,
         "tile": args.tile,
         "ratio": args.ratio,
+        "tau": options.tau,
         "dtype": args.dtype,
         "repeats": args.repeats,
         "torch": torch.__version__,

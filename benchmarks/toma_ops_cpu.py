@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from tokenmerge.methods.toma import ToMA
 from tokenmerge.ops.tiles import TileGrid
-from tokenmerge.ops.toma import keep_count, toma_merge
+from tokenmerge.ops.toma import keep_count, toma_merge_torch
 
 LEVELS = {"64x64": (64, 320), "32x32": (32, 640), "16x16": (16, 1280)}  # grid side, channels
 
@@ -39,20 +40,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("toma_ops_cpu.json"))
     args = parser.parse_args()
+    options = ToMA(ratio=args.ratio).merge_options  # ToMA's defaults (tau, tie tolerance, no locality)
     rows = []
     print(f"{'level':7s} {'select+weights ms':>18s} {'weights only ms':>16s} {'merge+unmerge ms':>17s}")
     with torch.inference_mode():
         for name, (side, channels) in LEVELS.items():
             x = torch.randn(args.batch, side * side, channels)
             grid = TileGrid(side, side, 4, 4)
-            plan, dest = toma_merge(x, grid, args.ratio)
+            plan, dest = toma_merge_torch(x, grid, options)
             y = plan.merge(x)
 
             def select_and_weigh(x=x, grid=grid) -> object:
-                return toma_merge(x, grid, args.ratio)
+                return toma_merge_torch(x, grid, options)
 
             def weigh(x=x, grid=grid, dest=dest) -> object:
-                return toma_merge(x, grid, args.ratio, dest=dest)
+                return toma_merge_torch(x, grid, options, dest=dest)
 
             def merge_unmerge(x=x, y=y, plan=plan) -> object:
                 return plan.unmerge(plan.merge(x) + y)

@@ -102,6 +102,20 @@ def test_a_generation_that_merged_nothing_warns_once(xl, method: tm.Method, why:
         generate(xl)  # once per patch and reason
 
 
+@pytest.mark.parametrize(
+    "method",
+    [tm.ToMA(ratio=0.01), tm.ToMA(ratio=0.01, mode="tokens"), tm.CAToMe(threshold=1.0)],
+    ids=["toma-kv", "toma-tokens", "catome"],
+)
+def test_a_plan_that_keeps_every_token_leaves_the_model_bit_identical(xl, method: tm.Method) -> None:
+    """A plan that keeps every token (a ratio too small for the tile, a threshold no pair reaches) is not run: the
+    block sees its tokens in their own order, so the output is the unpatched one bit for bit (and it warns)."""
+    base = generate(xl)
+    tm.apply(xl, method)
+    with pytest.warns(UserWarning, match="keeps every token"):
+        assert torch.equal(generate(xl), base)
+
+
 def test_the_observer_merges_nothing_by_design_without_a_warning(xl) -> None:
     from tokenmerge.analysis import observer_for
 
@@ -131,6 +145,9 @@ def test_the_observer_merges_nothing_by_design_without_a_warning(xl) -> None:
         (tm.ToMA, dict(max_downsample=2.0), TypeError, "max_downsample"),
         (tm.ToMA, dict(blocks=[(0, None)]), TypeError, "blocks"),
         (tm.ToMeSD, dict(seed="a"), TypeError, "seed"),
+        (tm.ToMeSD, dict(seed=2**70), ValueError, "seed"),  # a torch.Generator takes [0, 2**64)
+        (tm.CAToMe, dict(seed=-1), ValueError, "seed"),
+        (tm.ToMA, dict(blocks={}), ValueError, "blocks"),  # names no kind: not silently the default placement
         (tm.ToMeSD, dict(sx=2.5), TypeError, "sx"),
         (tm.ToMeSD, dict(use_rand=1), TypeError, "use_rand"),
         (tm.CAToMe, dict(threshold=float("nan")), ValueError, "threshold"),
@@ -156,18 +173,68 @@ def test_options_are_normalised() -> None:
         tm.ToMeSD(0.5, 2)  # max_downsample and the cell options are keyword-only
 
 
-def test_catome_mask_on_sd3_raises_at_apply() -> None:
-    """batch='sample' needs a key mask, which SD3's joint attention cannot take: ValueError at apply, naming batch,
-    before anything changes (the patch applied before stays)."""
+def test_catome_mask_on_sd3_raises_at_apply_and_the_default_falls_back(caplog: pytest.LogCaptureFixture) -> None:
+    """An explicit batch='sample' needs a key mask, which SD3's joint attention cannot take: ValueError at apply,
+    naming batch, before anything changes (the patch applied before stays). The default, batch='auto', is 'min'
+    there (logged, and shown by the summary) and runs."""
     pipe = tiny_pipeline("tiny-sd3")
+    pipe.set_progress_bar_config(disable=True)
     tm.apply(pipe, tm.ToDo())
-    with pytest.raises(ValueError, match=r"batch='sample'.*JointAttnProcessor2_0.*batch='min'"):
-        tm.apply(pipe, tm.CAToMe(threshold=0.0))
+    with pytest.raises(ValueError, match=r"batch='sample'.*JointAttnProcessor2_0.*batch='auto'"):
+        tm.apply(pipe, tm.CAToMe(threshold=0.0, batch="sample"))
     assert isinstance(pipe.transformer._tokenmerge.method, tm.ToDo)
-    with pytest.raises(ValueError), tm.applied(pipe, tm.CAToMe(threshold=0.0)):
+    with pytest.raises(ValueError), tm.applied(pipe, tm.CAToMe(threshold=0.0, batch="sample")):
         pass
     assert isinstance(pipe.transformer._tokenmerge.method, tm.ToDo)
-    tm.apply(pipe, tm.CAToMe(threshold=0.0, batch="min"))
+    with caplog.at_level("INFO", logger="tokenmerge"):
+        tm.apply(pipe, tm.CAToMe(threshold=0.0))
+    assert "CAToMe(threshold=0.0) on SD3Transformer2DModel is CAToMe(threshold=0.0, batch='min')" in caplog.text
+    dit_run(pipe)
+    summary = tm.summary(pipe)
+    assert summary.method == "CAToMe(threshold=0.0, batch='min')" and summary.merged_calls > 0
+
+
+def test_catome_auto_batch_follows_the_attention_backend(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """batch='auto' on Flux: 'sample' on a backend that takes masks, 'min' on one that takes none, set before apply
+    or between calls (resolved again when a call starts, logged; its plans then carry no mask)."""
+    import torch.nn.functional as F
+
+    from tokenmerge.adapters import base
+
+    masked: list[bool] = []  # whether each attention call of the transformer got a mask
+    inside: list[int] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        if inside:
+            masked.append(kwargs.get("attn_mask") is not None)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    pipe = tiny_pipeline("tiny-flux")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer.register_forward_pre_hook(lambda m, a: inside.append(1))
+    pipe.transformer.register_forward_hook(lambda m, a, o: inside.clear())
+    processors = [m.processor for m in pipe.transformer.modules() if hasattr(m, "processor")]
+    for p in processors:
+        p._attention_backend = "flash"
+    tm.apply(pipe, tm.CAToMe(threshold=0.0, blocks=ALL_FLUX))
+    assert "batch='min'" in tm.summary(pipe).method
+    for p in processors:
+        p._attention_backend = None
+    dit_run(pipe)  # the call's start resolves again: the native backend takes masks
+    assert "batch='sample'" in tm.summary(pipe).method and any(masked)
+    masked.clear()
+    with monkeypatch.context() as patched, caplog.at_level("INFO", logger="tokenmerge"):
+        patched.setattr(base, "MASK_BACKENDS", frozenset())  # as if the active backend took none (sage, flash)
+        dit_run(pipe)
+    assert "on FluxTransformer2DModel is now CAToMe(" in caplog.text and "batch='min')" in caplog.text
+    assert tm.summary(pipe).merged_calls > 0
+    assert masked and not any(masked)
+    dit_run(pipe)
+    assert "batch='sample'" in tm.summary(pipe).method
 
 
 def test_mask_on_a_backend_without_masks_raises_before_any_denoiser_call() -> None:
@@ -177,7 +244,7 @@ def test_mask_on_a_backend_without_masks_raises_before_any_denoiser_call() -> No
 
     pipe = tiny_pipeline("tiny-flux")
     pipe.set_progress_bar_config(disable=True)
-    method = tm.CAToMe(threshold=0.0, blocks=ALL_FLUX)
+    method = tm.CAToMe(threshold=0.0, batch="sample", blocks=ALL_FLUX)
     processors = [m.processor for m in pipe.transformer.modules() if hasattr(m, "processor")]
     for p in processors:
         p._attention_backend = "flash"  # what transformer.set_attention_backend("flash") sets

@@ -58,6 +58,16 @@ def test_bench_dit_architectures(tmp_path: Path, arch: str, method: str) -> None
     assert rows[1]["flop_ratio"] > 1.0 and rows[1]["rel_l2_deviation"] > 0
 
 
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux", "tiny-sd3", "tiny-pixart"])
+def test_eval_every_tiny_pipeline_end_to_end(tmp_path: Path, model: str) -> None:
+    """Every tiny pipeline ``tokenmerge list`` offers runs eval through the stock call, decoded images and a given
+    size included (Flux and SD3 decode with the VAE's shift factor; PixArt's size check gets its call defaults)."""
+    argv = ["eval", "--model", model, "--method", "todo:factor=2", *EVAL, "--seeds", "0", "--out", str(tmp_path / "e")]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "e" / "results.json").read_text())["results"]
+    assert [r["config"] for r in rows] == ["baseline", "todo:factor=2"] and rows[1]["psnr"] < 100
+
+
 def test_bench_saved_denoiser_and_pipeline_folders(tmp_path: Path) -> None:
     build_unet("tiny-sd15").save_pretrained(tmp_path / "unet")
     argv = ["bench", "--model", str(tmp_path / "unet"), "--method", "toma:ratio=0.5", "--rounds", "1", "--no-flops"]
@@ -143,6 +153,11 @@ def test_eval_two_processes(tmp_path: Path) -> None:
         (["bench", "--arch", "tiny-sd15", "--method", "toma:blocks=abc"], r"blocks takes Mapping\[str, \w+\] \|"),
         (["bench", "--arch", "tiny-sd15", "--method", "toma", "--rounds", "0"], "--rounds must be >= 1"),
         (["bench", "--arch", "tiny-sd15"], "give at least one --method"),
+        (
+            ["bench", "--arch", "tiny-sd15", "--method", "toma", "--steps", "5"],
+            "--steps does not apply to a bare denoiser",
+        ),
+        (["bench", "--arch", "tiny-sd15", "--method", "toma:ratio=0.5,ratio=0.6"], "option 'ratio' is given twice"),
         (["bench", "--method", "toma"], "one of the arguments --model --arch is required"),
         (["eval", "--model", "tiny-sd15", "--method", "toma", "--prompts", "PROMPTS"], "malformed prompt file"),
         (["eval", "--model", "tiny-sd15", "--method", "toma", "--dino", "/no/dino"], "cannot load DINOv2 model"),
@@ -213,6 +228,39 @@ def test_unwritable_out_fails_before_any_work(
     (tmp_path / "file").write_text("")
     assert main([*argv, "--out", str(tmp_path / "file" / "out")]) == 2
     assert re.search(r"cannot write output .*/file/out: .*/file is a file, not a folder", _one_line_error(capsys))
+
+
+def test_tune_checks_out_and_cache_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tune's --out (which it does not replace without --overwrite) and --cache: one line, before the model loads."""
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("work started before --out / --cache were checked")
+
+    monkeypatch.setattr("tokenmerge.harness.runners.open_runner", no_work)
+    (tmp_path / "file").write_text("")
+    (tmp_path / "old.json").write_text("{}")
+    base = ["tune", "--model", "tiny-sd15", "--device", "cpu"]
+    assert main([*base, "--out", str(tmp_path / "old.json")]) == 2
+    assert "old.json already exists (pass --overwrite" in _one_line_error(capsys)
+    assert main([*base, "--cache", str(tmp_path / "file" / "tuned")]) == 2
+    assert re.search(
+        r"--cache / cache=: cannot write output .*file/tuned/tune.json: .*file is a file", _one_line_error(capsys)
+    )
+    with pytest.raises(AssertionError, match="work started"):  # both fine: the work starts
+        main([*base, "--out", str(tmp_path / "old.json"), "--overwrite", "--cache", str(tmp_path / "c")])
+
+
+def test_quiet_hides_loading_bars(tmp_path: Path, saved_pipeline: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "--model", str(saved_pipeline), "--method", "todo", "--rounds", "1", "--steps", "1"]
+    argv += ["--height", "16", "--width", "16", "--no-flops", "--no-memory", "--device", "cpu"]
+    for quiet in (False, True):
+        assert main([*argv, "--out", str(tmp_path / f"b{quiet}"), *(["--quiet"] * quiet)]) == 0
+        assert ("Loading pipeline components" in capsys.readouterr().err) is not quiet
+    from diffusers.utils import logging as diffusers_logging
+
+    assert diffusers_logging.is_progress_bar_enabled()  # as it was
 
 
 def test_output_probe_reports_an_unwritable_folder(

@@ -10,6 +10,7 @@ from torch import nn
 import tokenmerge as tm
 from tokenmerge.adapters.flux import grid_from_ids
 from tokenmerge.archs import build_dit, build_unet, tiny_pipeline
+from tokenmerge.harness.models import denoiser_inputs
 from tokenmerge.methods import toma as toma_module
 
 from .conftest import generate
@@ -139,10 +140,10 @@ def test_reuse_grouped_per_stream(pipe, monkeypatch: pytest.MonkeyPatch) -> None
     made: list[bool] = []
     original = toma_module.toma_merge
 
-    def spy(x, grid, ratio, tau, dest=None, *args):
+    def spy(x, grid, options, dest=None):
         if not x.is_meta:  # apply counts FLOPs on the model's weightless twin
             made.append(dest is None)
-        return original(x, grid, ratio, tau, dest, *args)
+        return original(x, grid, options, dest)
 
     monkeypatch.setattr(toma_module, "toma_merge", spy)
     tm.apply(pipe, toma(pipe, ratio=0.5, dest_every=3, weight_every=2))
@@ -175,6 +176,94 @@ def test_flux_attention_goes_through_dispatch_with_text_and_merged_image(monkeyp
     tm.apply(pipe, tm.ToMA(ratio=0.75, blocks={"double": [(1, 2)], "single": range(0, 1)}))
     run(pipe, height=32, width=48, steps=2)  # 96 image tokens -> 24
     assert seen == [(TEXT + 96, TEXT + 96), (TEXT + 24, TEXT + 24), (TEXT + 24, TEXT + 24), (TEXT + 96, TEXT + 96)] * 2
+
+
+@pytest.mark.parametrize(
+    ("method", "attention", "mlp"),
+    [
+        (tm.ToMA(ratio=0.75, blocks={"double": [], "single": (0, 1)}), True, True),  # one span: norm -> proj_out
+        (
+            tm.ToMA(ratio=0.75, merge_mlp=False, blocks={"double": [], "single": (0, 1)}),
+            True,
+            False,
+        ),  # the attention alone
+        (
+            tm.ToMeSD(0.75, seed=0, blocks={"double": [], "single": (0, 1)}),
+            True,
+            False,
+        ),  # tomesd's default: attention only
+        (tm.ToMeSD(0.75, seed=0, merge_mlp=True, blocks={"double": [], "single": (0, 1)}), True, True),
+        (
+            tm.ToMeSD(0.75, seed=0, merge_attn=False, merge_mlp=True, blocks={"double": [], "single": (0, 1)}),
+            False,
+            True,
+        ),
+    ],
+    ids=lambda v: v.describe() if isinstance(v, tm.Method) else str(v),
+)
+def test_flux_single_stream_blocks_honour_merge_attn_and_merge_mlp(
+    method: tm.Method, attention: bool, mlp: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Single-stream attention and MLP run in parallel: each runs merged exactly when its flag says so (the other
+    branch on every token), and the summary labels the block with what ran merged."""
+    model = build_dit("tiny-flux")
+    seen: dict[str, list[int]] = {"attn": [], "mlp": []}
+    block = model.single_transformer_blocks[0]
+    block.proj_mlp.register_forward_pre_hook(lambda m, a: seen["mlp"].append(a[0].shape[1]))
+    original = transformer_flux.dispatch_attention_fn
+
+    def spy(query, key, value, *args, **kwargs):
+        seen["attn"].append(key.shape[1])
+        return original(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", spy)
+    inputs = denoiser_inputs(model, 2, 8, 8, text=4)
+    with torch.no_grad():
+        full = model(**inputs).sample
+        tm.apply(model, method)
+        merged = model(**inputs).sample
+    n = 4 + 64  # text + image tokens
+    assert seen["mlp"] == [n, n - 48 if mlp else n]
+    single = seen["attn"][2::4]  # per call: double blocks 0 and 1, single blocks 0 and 1
+    assert single == [n, n - 48 if attention else n]
+    roles = ("attn",) * attention + ("mlp",) * mlp
+    labels = {b.name: b.roles for b in tm.summary(model).blocks}
+    assert labels["single_transformer_blocks.0"] == roles and not torch.equal(merged, full)
+
+
+def test_flux_single_stream_attention_alone_matches_explicit_math() -> None:
+    """``merge_mlp=False``: x + gate * proj_out([A^T attn(M norm(x)), mlp(norm(x))]) on a single-stream block (the
+    attention on [text, merged image] at the destinations' rotary positions, the MLP on every token)."""
+    model = build_dit("tiny-flux")
+    b, t = 2, 4
+    inputs = denoiser_inputs(model, b, 6, 10, text=t)
+    freqs = model.pos_embed(torch.cat([inputs["txt_ids"], inputs["img_ids"]]))
+    tm.apply(model, tm.ToMA(ratio=0.5, merge_mlp=False, blocks={"double": [], "single": (1, 2)}))
+    block, run = model.single_transformer_blocks[1], model._tokenmerge.runs[0]
+    seen: dict = {}
+    block.register_forward_pre_hook(lambda m, a, kw: seen.update(kw=dict(kw)), with_kwargs=True)
+    block.register_forward_hook(lambda m, a, kw, out: seen.update(out=out, plan=run.plan), with_kwargs=True)
+    with torch.no_grad():
+        model(**inputs)
+        kw, plan = seen["kw"], seen["plan"]
+        joint = torch.cat([kw["encoder_hidden_states"], kw["hidden_states"]], 1)
+        normed, gate = block.norm(joint, emb=kw["temb"])
+        merged = torch.cat([normed[:, :t], plan.merge(normed[:, t:])], 1)
+        tables = [tuple(torch.cat([f[:t], f[t:][plan.dest[i]]]) for f in freqs) for i in range(b)]
+        attn = torch.cat([block.attn(merged[i : i + 1], image_rotary_emb=tables[i]) for i in range(b)])
+        attn = torch.cat([attn[:, :t], plan.unmerge(attn[:, t:])], 1)
+        expected = joint + gate.unsqueeze(1) * block.proj_out(
+            torch.cat([attn, block.act_mlp(block.proj_mlp(normed))], 2)
+        )
+    torch.testing.assert_close(torch.cat(seen["out"], 1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dit_descriptions_leave_out_max_downsample() -> None:
+    """Every block of a diffusion transformer is at the latent's resolution: ``max_downsample`` means nothing there."""
+    model = build_dit("tiny-flux")
+    tm.apply(model, tm.ToMA(mode="kv"))
+    assert tm.summary(model).method == "ToMA(mode='kv')"
+    assert tm.ToMA(mode="kv").describe() == "ToMA(mode='kv', max_downsample=None)"  # without a model: every option
 
 
 def test_flux_blocks_match_per_sample_rotary_reference() -> None:

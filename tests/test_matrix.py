@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -83,6 +84,18 @@ def denoiser_attention(pipe, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[t
     yield seen
     for handle in handles:
         handle.remove()
+
+
+@pytest.mark.parametrize("method", [tm.ToMA(), tm.ToMeSD(), tm.CAToMe(), tm.ToDo()], ids=lambda m: type(m).__name__)
+def test_every_default_runs_and_merges(pipe, method: tm.Method) -> None:
+    """Each method as constructed without options, through the stock call of every family (SD3: CA-ToMe's
+    ``batch="auto"`` takes the batch minimum there), merges, without a warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="tokenmerge")
+        tm.apply(pipe, method)
+        run(pipe)
+    summary = tm.summary(pipe)
+    assert summary.merged_calls == summary.calls > 0, summary
 
 
 @pytest.mark.parametrize("name", ["toma", "tomesd", "catome", "todo"])
@@ -214,21 +227,27 @@ def test_todo_on_flux_matches_explicit_attention() -> None:
 
 
 def test_catome_per_sample_on_flux_is_independent_of_batch_mates() -> None:
-    """batch="sample" on Flux's joint attention: padded image rows are masked as keys (text keys untouched), so each
-    sample gives what it gives alone; the batch maximum couples them."""
+    """batch="sample" on Flux's joint attention: padded image rows are masked as keys (text keys untouched) and random
+    destinations are drawn whatever the batch size (Flux has no guidance doubling), so each sample gives what it
+    gives alone; the batch maximum couples them."""
     from tokenmerge.archs import build_dit
 
     model = build_dit("tiny-flux")
     inputs = flux_inputs(model, 2, 6, 8)
     inputs["hidden_states"][1] = inputs["hidden_states"][1].cumsum(0) / 8  # smoother: merges more than sample 0
     outs = {}
-    for mode in ("sample", "max"):
-        tm.apply(model, tm.CAToMe(threshold=0.7, batch=mode, use_rand=False, blocks=ALL_FLUX))
+
+    def call(**kwargs) -> torch.Tensor:
+        tm.reset(model)  # each call a generation of its own: the destinations are drawn from seed 0 again
+        return model(**kwargs).sample
+
+    for mode in ("sample", "max"):  # random destinations (seed 0): drawn alike at batch sizes 1 and 2 for "sample"
+        tm.apply(model, tm.CAToMe(threshold=0.7, batch=mode, seed=0, blocks=ALL_FLUX))
         with torch.no_grad():
-            both = model(**inputs).sample
+            both = call(**inputs)
             biases = [run.plan.key_bias for run in model._tokenmerge.runs]
             alone = [
-                model(**{k: v[i : i + 1] if k not in ("img_ids", "txt_ids") else v for k, v in inputs.items()}).sample
+                call(**{k: v[i : i + 1] if k not in ("img_ids", "txt_ids") else v for k, v in inputs.items()})
                 for i in (0, 1)
             ]
         outs[mode] = (both, torch.cat(alone))

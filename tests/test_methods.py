@@ -319,10 +319,10 @@ def _record_plans(monkeypatch: pytest.MonkeyPatch, step=lambda: -1) -> list[tupl
     seen: list[tuple[int, torch.Tensor, bool]] = []
     original = toma_module.toma_merge
 
-    def spy(x, grid, ratio, tau, dest, *args):
+    def spy(x, grid, options, dest):
         if not x.is_meta:  # apply counts FLOPs on the model's weightless twin
             seen.append((step(), x, dest is None))
-        return original(x, grid, ratio, tau, dest, *args)
+        return original(x, grid, options, dest)
 
     monkeypatch.setattr(toma_module, "toma_merge", spy)
     return seen

@@ -10,7 +10,15 @@ import torch.nn.functional as F
 
 from tokenmerge.ops.select import TIE_TOL, cosine_similarity, facility_location
 from tokenmerge.ops.tiles import TileGrid
-from tokenmerge.ops.toma import MergedKV, keep_count, merge_weights, select_destinations, toma_merge
+from tokenmerge.ops.toma import (
+    MergedKV,
+    MergeOptions,
+    TileMerge,
+    keep_count,
+    merge_weights,
+    select_destinations,
+    toma_merge_torch,
+)
 from tokenmerge.plans import KVPlan
 
 # (H, W, tile_h, tile_w): divisible, ragged on one or both sides, degenerate and oversized tiles.
@@ -34,6 +42,13 @@ GRID_CASES = [
     (5, 4, 5, 1),
 ]
 RAGGED_CASES = [c for c in GRID_CASES if c[0] % min(c[2], c[0]) or c[1] % min(c[3], c[1])]
+
+
+def merge(
+    x: torch.Tensor, grid: TileGrid, ratio: float, tau: float = 100.0, dest: list | None = None, **options: float
+) -> tuple[TileMerge, list[torch.Tensor]]:
+    """The torch ToMA merge with ``ratio`` and ``tau`` (default: ToMA's)."""
+    return toma_merge_torch(x, grid, MergeOptions(ratio, tau, **options), dest)
 
 
 def _cases(cases: list[tuple[int, int, int, int]]) -> list:
@@ -374,7 +389,7 @@ def test_hard_assignment_merge_then_unmerge_matrix_is_identity(case, ratio):
     h, w, th, tw = case
     grid = TileGrid(h, w, th, tw)
     x = _randn(2, h * w, 16, seed=h * w)
-    plan, dest = toma_merge(x, grid, ratio, tau=1e9)
+    plan, dest = merge(x, grid, ratio, tau=1e9)
     for m, u, d in zip(plan.merge_mats, plan.unmerge_mats, dest, strict=True):
         b, t, k, s = m.shape
         assert u.shape == (b, t, s, k)
@@ -393,7 +408,7 @@ def test_unmerge_matrices_are_convex_and_merge_rows_are_means(case, ratio):
     h, w, th, tw = case
     grid = TileGrid(h, w, th, tw)
     x = _randn(2, h * w, 8, seed=h * 13 + w)
-    plan, dest = toma_merge(x, grid, ratio)
+    plan, dest = merge(x, grid, ratio)
     assert plan.num_merged == sum(d.shape[1] * d.shape[2] for d in dest)
     assert plan.num_merged == sum(r.num_tiles * keep_count(r.tile_size, ratio) for r in grid.regions)
     for m, u in zip(plan.merge_mats, plan.unmerge_mats, strict=True):
@@ -417,7 +432,7 @@ def test_unmerge_of_merge_is_identity_for_tile_constant_input(case):
     for t in grid.fold(x):
         assert torch.equal(t, t[:, :, :1].expand_as(t))
     for ratio in (0.5, 0.75):
-        plan, _ = toma_merge(x, grid, ratio, tau=10.0)
+        plan, _ = merge(x, grid, ratio, tau=10.0)
         torch.testing.assert_close(plan.unmerge(plan.merge(x)), x, rtol=1e-5, atol=1e-5)
 
 
@@ -426,7 +441,7 @@ def test_keep_all_tokens_roundtrips_exactly(case):
     h, w, th, tw = case
     grid = TileGrid(h, w, th, tw)
     x = _randn(2, h * w, 7, seed=h + 17 * w)
-    plan, dest = toma_merge(x, grid, 0.0)
+    plan, dest = merge(x, grid, 0.0)
     assert plan.num_merged == h * w
     for r, d in zip(grid.regions, dest, strict=True):
         assert d.shape[-1] == r.tile_size == keep_count(r.tile_size, 0.0)
@@ -446,7 +461,7 @@ def test_dest_holds_grid_indices_of_destinations(case, ratio):
     grid = TileGrid(h, w, th, tw)
     n = h * w
     x = _randn(2, n, 8, seed=n + 3)
-    plan, dest = toma_merge(x, grid, ratio)
+    plan, dest = merge(x, grid, ratio)
     k_total = plan.num_merged
     assert plan.dest.shape == (2, k_total)
     assert plan.dest.dtype == torch.long
@@ -478,8 +493,8 @@ def test_dest_holds_grid_indices_of_destinations(case, ratio):
 def test_dest_reuse_gives_same_plan():
     grid = TileGrid(7, 10, 2, 3)
     x = _randn(2, 70, 8, seed=1)
-    plan, dest = toma_merge(x, grid, 0.5)
-    plan2, dest2 = toma_merge(x, grid, 0.5, dest=dest)
+    plan, dest = merge(x, grid, 0.5)
+    plan2, dest2 = merge(x, grid, 0.5, dest=dest)
     assert all(a is b for a, b in zip(dest, dest2, strict=True))
     assert torch.equal(plan.dest, plan2.dest)
     for a, b in zip(plan.merge_mats + plan.unmerge_mats, plan2.merge_mats + plan2.unmerge_mats, strict=True):
@@ -497,7 +512,7 @@ def test_dtype_preserved_and_finite(dtype, case):
     h, w, th, tw = case
     grid = TileGrid(h, w, th, tw)
     x = _randn(2, h * w, 16, seed=2, dtype=dtype)
-    plan, _ = toma_merge(x, grid, 0.5)
+    plan, _ = merge(x, grid, 0.5)
     for m in plan.merge_mats + plan.unmerge_mats:
         assert m.dtype == dtype
     y = plan.merge(x)
@@ -507,7 +522,7 @@ def test_dtype_preserved_and_finite(dtype, case):
     assert out.dtype == dtype and out.shape == x.shape
     assert torch.isfinite(out).all()
     # low-precision plans agree with the fp32 plan built on the same (rounded) tokens
-    ref_plan, _ = toma_merge(x.float(), grid, 0.5)
+    ref_plan, _ = merge(x.float(), grid, 0.5)
     assert torch.equal(plan.dest, ref_plan.dest)
     tol = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
     torch.testing.assert_close(y.float(), ref_plan.merge(x.float()), rtol=tol, atol=tol)
@@ -532,7 +547,7 @@ def test_degenerate_tokens_give_no_nan_and_unique_destinations(dtype, kind, case
     grid = TileGrid(h, w, th, tw)
     x = _degenerate_inputs(h * w, 8)[kind].to(dtype)
     for ratio in (0.0, 0.5, 0.9):
-        plan, dest = toma_merge(x, grid, ratio)
+        plan, dest = merge(x, grid, ratio)
         for d in dest:
             srt = d.sort(-1).values
             assert (srt[..., 1:] != srt[..., :-1]).all()
@@ -578,7 +593,7 @@ def test_locality_prior_enters_selection_and_weights():
     x = _randn(2, 64, 8, seed=4)
     prior = 0.01 * grid.regions[0].sq_distances()
     tiles = grid.fold(x)[0]
-    plan, dest = toma_merge(x, grid, 0.5, tau=10.0, locality=0.01)
+    plan, dest = merge(x, grid, 0.5, tau=10.0, locality=0.01)
     want_dest = facility_location(cosine_similarity(tiles) - prior, 8)
     assert torch.equal(dest[0], want_dest)
     xn = F.normalize(tiles, dim=-1)
@@ -586,7 +601,7 @@ def test_locality_prior_enters_selection_and_weights():
     want = torch.softmax(10.0 * (logits - prior[want_dest]), dim=-2)
     want = torch.where(F.one_hot(want_dest, 16).sum(-2, keepdim=True) > 0, F.one_hot(want_dest, 16).float(), want)
     torch.testing.assert_close(plan.unmerge_mats[0].transpose(-1, -2), want)
-    _, dest0 = toma_merge(x, grid, 0.5, tau=10.0, locality=0.0)
+    _, dest0 = merge(x, grid, 0.5, tau=10.0, locality=0.0)
     assert torch.equal(dest0[0], select_destinations(tiles, 8))
 
 
@@ -597,7 +612,7 @@ def test_locality_on_flat_tiles_spreads_destinations_and_assigns_to_the_nearest(
     h, w, th, tw = case
     grid = TileGrid(h, w, th, tw)
     x = torch.ones(1, h * w, 4)
-    plan, dest = toma_merge(x, grid, 0.75, locality=0.01)
+    plan, dest = merge(x, grid, 0.75, locality=0.01)
     for r, d, u in zip(grid.regions, dest, plan.unmerge_mats, strict=True):
         d2 = r.sq_distances()
         nearest = d2[:, d[0, 0]].amin(-1)  # (s,) distance of every slot to its nearest destination
@@ -612,9 +627,9 @@ def test_merged_kv_plan():
     per sample at the destinations' grid positions."""
     grid = TileGrid(6, 8, 2, 2)
     x = _randn(2, 48, 8, seed=6)
-    merge, _ = toma_merge(x, grid, 0.5)
-    kv = MergedKV(merge)
-    assert torch.equal(kv.kv(x), merge.merge(x)) and torch.equal(kv.kv_index, merge.dest) and kv.num_kv == 24
-    picked = MergedKV(merge, select=True)
-    assert torch.equal(picked.kv(x), torch.stack([x[b, merge.dest[b]] for b in range(2)]))
+    plan, _ = merge(x, grid, 0.5)
+    kv = MergedKV(plan)
+    assert torch.equal(kv.kv(x), plan.merge(x)) and torch.equal(kv.kv_index, plan.dest) and kv.num_kv == 24
+    picked = MergedKV(plan, select=True)
+    assert torch.equal(picked.kv(x), torch.stack([x[b, plan.dest[b]] for b in range(2)]))
     assert isinstance(kv, KVPlan)

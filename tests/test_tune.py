@@ -189,6 +189,10 @@ def test_budget_and_goal_errors(runner: UNetRunner) -> None:
     ]:
         with pytest.raises(HarnessError, match=message):
             goal()
+    with pytest.raises(TypeError, match=r"speedup must be a number or None, got str '1\.3'"):
+        tm.tune(runner.target, speedup="1.3")
+    with pytest.raises(TypeError, match="min_fidelity must be a number or None, got bool"):
+        Goal(None, True, PSNR)
     with pytest.raises(HarnessError, match="a method is applied"):
         tm.apply(runner.target, tm.ToDo())
         try:
@@ -292,8 +296,18 @@ def test_command_end_to_end(token_clock: list[Any], tmp_path: Path, capsys, monk
     out = capsys.readouterr().out
     assert "pick: todo:factor=" in out and "front (psnr):" in out and "64x64, 1 steps, cpu" in out
     assert json.loads((tmp_path / "r.json").read_text())["reached"]
-    assert main([*argv, "--speedup", "40"]) == 2
+    assert main([*argv, "--speedup", "40"]) == 2  # --out exists: refused before any work
+    assert "r.json already exists (pass --overwrite" in capsys.readouterr().err
+    assert main([*argv, "--speedup", "40", "--overwrite"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tokenmerge: error: no setting reaches 40x on this pipeline: ")
     assert main(["tune", "--model", "reference-unet", "--speedup", "fast"]) == 2
     assert "--speedup: 'fast' is not a number" in capsys.readouterr().err
+
+
+def test_setup_lines_name_the_default_size() -> None:
+    """A pipeline without a known default size: the report says so instead of ``NonexNone``."""
+    key = dict(model=dict(cls="d.UNet", name_or_path="m", weights="w"), device="cpu", dtype="float32", versions={})
+    line = tune_cache.describe_key({**key, "images": dict(height=None, width=None, steps=2)})[0]
+    assert "the pipeline's default size, 2 steps" in line and "None" not in line
+    assert "64x48, 2 steps" in tune_cache.describe_key({**key, "images": dict(height=64, width=48, steps=2)})[0]

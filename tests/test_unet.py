@@ -144,10 +144,10 @@ def test_reuse_across_blocks_and_steps(pipe, monkeypatch: pytest.MonkeyPatch) ->
     made: list[bool] = []
     original = toma_module.toma_merge
 
-    def spy(x, grid, ratio, tau, dest=None, *args):
+    def spy(x, grid, options, dest=None):
         if not x.is_meta:  # apply counts FLOPs on the model's weightless twin
             made.append(dest is None)
-        return original(x, grid, ratio, tau, dest, *args)
+        return original(x, grid, options, dest)
 
     monkeypatch.setattr(toma_module, "toma_merge", spy)
     tm.apply(pipe, tm.ToMA(mode="tokens", ratio=0.5, dest_every=3, weight_every=2))

@@ -46,7 +46,8 @@ def apply(obj: Any, method: Method) -> Any:
     """Patch a diffusers pipeline (or its denoiser module) in place with ``method``; returns ``obj``.
 
     Options left ``"auto"`` are first made concrete for the model (:meth:`Method.resolve`; ``tm.summary``
-    shows the result). Applying again replaces the previous patch. A method that changes nothing (ratio 0) leaves
+    shows the result), and again at every pipeline call's start (what one becomes can depend on the attention
+    backend). Applying again replaces the previous patch. A method that changes nothing (ratio 0) leaves
     the model unpatched.
     Raises ``ValueError`` when the method cannot run on this model or its attention backend (e.g. a key mask where
     the attention takes none), before anything changes (a previous patch stays); warns when its options patch no
@@ -57,42 +58,43 @@ def apply(obj: Any, method: Method) -> Any:
     view = view_of(obj)
     model, adapter = view.adapter.model, view.adapter
     concrete = method.resolve(view)
+    layout = view.layout
     if concrete != method:
-        logger.info("%s on %s is %s", method.describe(), type(model).__name__, concrete.describe())
-    method = concrete
-    patch = None if method.is_identity else Patch(method, adapter)
+        logger.info("%s on %s is %s", method.describe(layout), type(model).__name__, concrete.describe(layout))
+    patch = None if concrete.is_identity else Patch(concrete, adapter, method, view)
     if patch is not None:
         patch.check()
     remove(obj)
     if patch is None:
-        logger.info("%s changes nothing: %s left unpatched", method.describe(), type(model).__name__)
+        logger.info("%s changes nothing: %s left unpatched", concrete.describe(layout), type(model).__name__)
         return obj
     patch.install(None if isinstance(obj, nn.Module) else obj)
     setattr(model, PATCH_ATTR, patch)
     if patch.sites:
-        report_cut(method, view)
+        report_cut(concrete, view)
     return obj
 
 
 def report_cut(method: Method, view: View) -> None:
-    """Log the FLOP cut of ``method``'s first merged call at the view's call shape; warn when it is under
-    :data:`MIN_CUT`, naming the configuration of :meth:`Method.cut_more` that cuts the most."""
+    """Log the FLOP cut of the concrete ``method``'s first merged call at the view's call shape; warn when it is
+    under :data:`MIN_CUT`, naming the configuration of :meth:`Method.cut_more` that cuts the most."""
     ratio = view.flop_ratio(method)
     if ratio is None:
         return
+    layout = view.layout
     model, (h, w) = type(view.adapter.model).__name__, view.shape.latent
     bound = "at most " if method.content_adaptive else ""
     where = f"a {model} call on a {h}x{w} latent"
     if 1 - 1 / ratio >= MIN_CUT:
-        logger.info("%s cuts %s%.1f%% of the FLOPs of %s", method.describe(), bound, 100 * (1 - 1 / ratio), where)
+        logger.info("%s cuts %s%.1f%% of the FLOPs of %s", method.describe(layout), bound, 100 * (1 - 1 / ratio), where)
         return
-    found = [(r, m) for m in method.cut_more(view.layout) if (r := view.flop_ratio(m)) is not None and r > ratio]
+    found = [(r, m) for m in method.cut_more(layout) if (r := view.flop_ratio(m)) is not None and r > ratio]
     hint = ""
     if found:
         best_ratio, best = max(found, key=lambda item: item[0])
-        hint = f"; {best.describe()} would cut {bound}{100 * (1 - 1 / best_ratio):.1f}%"
+        hint = f"; {best.describe(layout)} would cut {bound}{100 * (1 - 1 / best_ratio):.1f}%"
     cut = f"{bound or 'only '}{100 * (1 - 1 / ratio):.1f}%"
-    warn(f"{method.describe()} cuts {cut} of the FLOPs of {where}{hint}")
+    warn(f"{method.describe(layout)} cuts {cut} of the FLOPs of {where}{hint}")
 
 
 def remove(obj: Any) -> Any:
@@ -121,7 +123,7 @@ def applied(obj: Any, method: Method) -> Iterator[Any]:
     finally:
         remove(obj)
         if before is not None:
-            apply(obj, before.method)
+            apply(obj, before.requested)
 
 
 def summary(obj: Any) -> Summary:

@@ -6,6 +6,7 @@ denoisers: what latency and FLOP measurements need, without weights (:data:`REAL
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -346,12 +347,28 @@ def tiny_pipeline(name: str) -> Any:
     )
 
 
+@functools.cache
+def _tiny_pixart_class() -> type:
+    """``PixArtAlphaPipeline`` with resolution binning and caption cleaning off by default: the stock call bins sizes
+    only for the sample sizes of the released models (32, 64, 128), raising "Invalid sample size" on the tiny one,
+    and cleaning needs packages (bs4, ftfy) the tiny captions do not."""
+    from diffusers import PixArtAlphaPipeline
+
+    class TinyPixArtAlphaPipeline(PixArtAlphaPipeline):
+        def __call__(
+            self, *args: Any, use_resolution_binning: bool = False, clean_caption: bool = False, **kwargs: Any
+        ) -> Any:
+            kwargs.update(use_resolution_binning=use_resolution_binning, clean_caption=clean_caption)
+            return super().__call__(*args, **kwargs)
+
+    return TinyPixArtAlphaPipeline
+
+
 def _tiny_dit_pipeline(name: str) -> Any:
     from diffusers import (
         DPMSolverMultistepScheduler,
         FlowMatchEulerDiscreteScheduler,
         FluxPipeline,
-        PixArtAlphaPipeline,
         StableDiffusion3Pipeline,
     )
 
@@ -359,7 +376,7 @@ def _tiny_dit_pipeline(name: str) -> Any:
     if name == "tiny-flux":
         return FluxPipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(),
-            vae=_tiny_vae(),
+            vae=_tiny_vae(shift_factor=0.0),  # Flux and SD3 decode (z / scale) + shift
             text_encoder=_tiny_text_encoder(32),
             tokenizer=_tiny_tokenizer(),
             text_encoder_2=_tiny_t5_encoder(32),
@@ -370,7 +387,7 @@ def _tiny_dit_pipeline(name: str) -> Any:
         return StableDiffusion3Pipeline(
             transformer=transformer,
             scheduler=FlowMatchEulerDiscreteScheduler(),
-            vae=_tiny_vae(),
+            vae=_tiny_vae(shift_factor=0.0),
             text_encoder=_tiny_text_encoder(32, projection=32),
             tokenizer=_tiny_tokenizer(),
             text_encoder_2=_tiny_text_encoder(32, projection=32, seed=1),
@@ -378,7 +395,7 @@ def _tiny_dit_pipeline(name: str) -> Any:
             text_encoder_3=_tiny_t5_encoder(64),
             tokenizer_3=_tiny_t5_tokenizer(),
         )
-    return PixArtAlphaPipeline(
+    return _tiny_pixart_class()(
         tokenizer=_tiny_t5_tokenizer(),
         text_encoder=_tiny_t5_encoder(32),
         vae=_tiny_vae(),

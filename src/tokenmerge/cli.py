@@ -20,11 +20,13 @@ before any work), I/O errors, GPU out-of-memory errors, and a missing ``tokenmer
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import os
 import platform
 import sys
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn
@@ -81,6 +83,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+BENCH_PROMPT = "a lighthouse on a rocky coast at dawn"
+#: bench options that only a pipeline takes, and those that only a bare denoiser takes.
+PIPELINE_ONLY, DENOISER_ONLY = ("steps", "height", "width", "prompt"), ("latent", "batch")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tokenmerge", description="Benchmark and evaluate token merging on diffusers pipelines.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -92,12 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(bench)
     bench.add_argument("--rounds", type=int, default=5, help="timed rounds (median reported; default 5)")
     bench.add_argument("--warmup", type=int, default=1, help="untimed calls per configuration first (default 1)")
-    bench.add_argument("--batch", type=int, default=2, help="denoiser batch (2 = classifier-free guidance)")
+    bench.add_argument("--batch", type=int, help="denoiser batch (default 2 = classifier-free guidance)")
     bench.add_argument("--latent", type=int, help="denoiser latent height = width (default: the model's size)")
-    bench.add_argument("--steps", type=int, default=20, help="pipeline: denoising steps per call")
+    bench.add_argument("--steps", type=int, help="pipeline: denoising steps per call (default 20)")
     bench.add_argument("--height", type=int, help="pipeline: image height")
     bench.add_argument("--width", type=int, help="pipeline: image width")
-    bench.add_argument("--prompt", default="a lighthouse on a rocky coast at dawn", help="pipeline: prompt")
+    bench.add_argument("--prompt", help=f"pipeline: prompt (default {BENCH_PROMPT!r})")
     bench.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
 
@@ -191,17 +198,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report.check_output(args.out, args.overwrite)
     device, dtype = models.resolve_device(args.device), models.DTYPES[args.dtype]
     name = args.arch or args.model
-    if args.arch or models.saved_denoiser_class(args.model):
+    denoiser = bool(args.arch or models.saved_denoiser_class(args.model))
+    wrong = next((o for o in (PIPELINE_ONLY if denoiser else DENOISER_ONLY) if getattr(args, o) is not None), None)
+    if wrong is not None:
+        kind, takes = ("a bare denoiser", DENOISER_ONLY) if denoiser else ("a pipeline", PIPELINE_ONLY)
+        raise HarnessError(f"--{wrong} does not apply to {kind}, which takes {', '.join('--' + o for o in takes)}")
+    if denoiser:
         model = build_architecture(args.arch, dtype) if args.arch else models.load_denoiser(args.model, dtype)
         size = args.latent or getattr(model.config, "sample_size", None) or 16
         size = size[0] if isinstance(size, list | tuple) else size
-        inputs = models.denoiser_inputs(model, args.batch, size, size)
+        batch = args.batch or 2
+        inputs = models.denoiser_inputs(model, batch, size, size)
         target = bench.denoiser_target(name, model, inputs, device)
-        target.info = dict(batch=args.batch, latent=size)
+        target.info = dict(batch=batch, latent=size)
     else:
         pipe = models.load_pipeline(args.model, dtype)
         models.check_image_size(pipe, args.height, args.width)
-        target = bench.pipeline_target(name, pipe, args.prompt, args.steps, args.height, args.width, device)
+        prompt, steps = args.prompt or BENCH_PROMPT, args.steps or 20
+        target = bench.pipeline_target(name, pipe, prompt, steps, args.height, args.width, device)
     rows = bench.run_bench(
         target,
         specs,
@@ -337,6 +351,40 @@ def _harness_error(names: list[str]) -> HarnessError:
     return HarnessError(f"the command line needs the harness extra ({', '.join(names)} missing): {INSTALL_HARNESS}")
 
 
+@contextlib.contextmanager
+def quiet_loading(on: bool) -> Iterator[None]:
+    """With ``on`` (``--quiet``), no progress bars from diffusers, transformers or the hub while the command runs
+    (loading a pipeline shows them, downloads too); as they were afterwards."""
+    if not on:
+        yield
+        return
+    import huggingface_hub.utils as hub
+    from diffusers.utils import logging as diffusers_logging
+
+    bars = [
+        (
+            diffusers_logging.is_progress_bar_enabled,
+            diffusers_logging.disable_progress_bar,
+            diffusers_logging.enable_progress_bar,
+        )
+    ]
+    bars.append((lambda: not hub.are_progress_bars_disabled(), hub.disable_progress_bars, hub.enable_progress_bars))
+    if importlib.util.find_spec("transformers") is not None:
+        from transformers.utils import logging as transformers_logging
+
+        t = transformers_logging
+        bars.append((t.is_progress_bar_enabled, t.disable_progress_bar, t.enable_progress_bar))
+    enabled = [on_now() for on_now, _, _ in bars]
+    for _, disable, _ in bars:
+        disable()
+    try:
+        yield
+    finally:
+        for was, (_, _, enable) in zip(enabled, bars, strict=True):
+            if was:
+                enable()
+
+
 def _fail(message: str) -> int:
     print(f"tokenmerge: error: {message}", file=sys.stderr)
     return 2
@@ -356,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         commands["demo"] = demo_command.run
         commands["pareto"] = pareto_command.run
         commands["tune"] = tune_command.run
-        return commands[args.command](args)
+        with quiet_loading(getattr(args, "quiet", False)):
+            return commands[args.command](args)
     except HarnessError as exc:
         if debug:
             raise

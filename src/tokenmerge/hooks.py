@@ -10,6 +10,7 @@ act on the copy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -17,15 +18,24 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenmerge.adapters.base import Site
+from tokenmerge.adapters.base import Point, Site
 from tokenmerge.plans import KVPlan, MergePlan
+
+#: The projections a keys/values plan acts on, by their name in the attention module.
+PROJECTIONS = ("to_q", "to_k", "to_v")
+
+
+class Removable(Protocol):
+    """What ``remove`` takes off the model: a torch hook handle or a :class:`Followed` hook."""
+
+    def remove(self) -> None: ...
 
 
 @dataclass(eq=False)
 class BlockRun:
     """One patched block at run time: the plan of its current call (``None``: unmerged), the input it is planned from
     (``pending``, until a sub-module asks), the roles running merged right now (for the site's keyword and output
-    maps), and its last call's image tokens in and out."""
+    maps), and its last call's image tokens in and out and which implementation built its plan (``kernel``)."""
 
     site: Site
     planner: Planner | None = None
@@ -34,6 +44,7 @@ class BlockRun:
     running: dict[str, MergePlan | KVPlan] = field(default_factory=dict)
     tokens_in: int | None = None
     tokens_out: int | None = None
+    kernel: str | None = None
 
     @property
     def grid_tokens(self) -> int:
@@ -50,6 +61,37 @@ class BlockRun:
 
 class Planner(Protocol):
     def plan_block(self, run: BlockRun, x: torch.Tensor) -> None: ...
+
+
+@dataclass(eq=False)
+class Followed:
+    """A hook on the module at a :class:`~tokenmerge.adapters.base.Point`, moved to the module found there whenever
+    :meth:`follow` runs (at every call of the block or attention above it: a few dict lookups). A LoRA loaded after
+    ``apply`` (peft, ``pipe.load_lora_weights``) replaces ``to_k`` by a wrapper computing ``base_layer(x) + B(A(x))``:
+    a hook left on the original, now ``base_layer``, would change one term only; unloading puts the original back."""
+
+    point: Point
+    hook: Callable[..., Any]
+    with_kwargs: bool = False
+    prepend: bool = False
+    module: nn.Module | None = None
+    handle: RemovableHandle | None = None
+
+    def follow(self) -> None:
+        current = self.point.module
+        if current is self.module:
+            return
+        self.remove()
+        self.module = current
+        if current is None:
+            return
+        register = current.register_forward_pre_hook if self.point.side == "input" else current.register_forward_hook
+        self.handle = register(self.hook, with_kwargs=self.with_kwargs, prepend=self.prepend)
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+        self.module = self.handle = None
 
 
 @dataclass(eq=False)
@@ -104,33 +146,56 @@ class MergeHooks:
 
 @dataclass(eq=False)
 class SpanHooks:
-    """A joint sequence ``[prefix, image]`` between two modules: merge the image suffix of ``entry``'s output,
-    unmerge that of ``exit``'s output; the prefix (text) passes through."""
+    """A joint sequence ``[prefix, image]`` between two points of a block, run merged for ``roles``: the image suffix
+    is merged at the entry (a module's input or output) and unmerged at the exit (a module's output); the prefix
+    (text) passes through. Both hooks follow the modules at their points (checked when the block starts)."""
 
     run: BlockRun
-    role: str
+    roles: frozenset[str]
     stack: list[tuple[MergePlan, int] | None] = field(default_factory=list)
+    points: list[Followed] = field(default_factory=list)
 
-    def install(self, entry: nn.Module, exit_: nn.Module) -> list[RemovableHandle]:
-        return [entry.register_forward_hook(self.merge), exit_.register_forward_hook(self.unmerge)]
+    def install(self, block: nn.Module, entry: Point, exit_: Point) -> list[Removable]:
+        enter = self.merge_input if entry.side == "input" else self.merge_output
+        self.points = [
+            Followed(entry, enter, with_kwargs=entry.side == "input", prepend=True),
+            Followed(exit_, self.unmerge),
+        ]
+        self.follow()
+        return [block.register_forward_pre_hook(self.follow), *self.points]
 
-    def merge(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        plan, x = self.run.take_plan(), output[0] if isinstance(output, tuple) else output
-        n = self.run.grid_tokens
+    def follow(self, *_: Any) -> None:
+        for point in self.points:
+            point.follow()
+
+    def _merge(self, x: Any) -> torch.Tensor | None:
+        plan, n = self.run.take_plan(), self.run.grid_tokens
         if plan is None or not isinstance(x, torch.Tensor) or x.ndim != 3 or not 0 < n <= x.shape[1]:
             self.stack.append(None)
             return None
         prefix = x.shape[1] - n
         self.stack.append((plan, prefix))
-        self.run.running[self.role] = plan
-        return on_image(output, lambda t: torch.cat((t[:, :prefix], plan.merge(t[:, prefix:])), 1))
+        for role in self.roles:
+            self.run.running[role] = plan
+        return torch.cat((x[:, :prefix], plan.merge(x[:, prefix:])), 1)
+
+    def merge_input(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        merged = self._merge(args[0] if args else kwargs.get("hidden_states"))
+        if merged is None:
+            return None
+        return ((merged, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": merged})
+
+    def merge_output(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        merged = self._merge(output[0] if isinstance(output, tuple) else output)
+        return None if merged is None else on_image(output, lambda _: merged)
 
     def unmerge(self, module: nn.Module, args: tuple, output: Any) -> Any:
         top = self.stack.pop() if self.stack else None
         if top is None:
             return None
         plan, prefix = top
-        self.run.running.pop(self.role, None)
+        for role in self.roles:
+            self.run.running.pop(role, None)
         return on_image(output, lambda t: torch.cat((t[:, :prefix], plan.unmerge(t[:, prefix:])), 1))
 
 
@@ -140,26 +205,33 @@ class KVHooks:
     tensor ``to_q`` took), the last ``H*W`` tokens of their input (the image) become the plan's ``kv`` of them; the
     queries keep every token. Raises if an active plan found no such projections (fused or unknown ones) although the
     attention ran (a step cache that serves the attention's output, e.g. Pyramid Attention Broadcast, runs none of its
-    sub-modules: nothing to check then)."""
+    sub-modules: nothing to check then). The projection hooks follow the modules at ``to_q``/``to_k``/``to_v``
+    (checked at every call of the attention: a LoRA loaded or unloaded after ``apply`` replaces them)."""
 
     run: BlockRun
     plan: KVPlan | None = None
     queries: torch.Tensor | None = None
     projected: int = 0
     ran: bool = False
+    projections: list[Followed] = field(default_factory=list)
 
-    def install(self, attention: nn.Module) -> list[RemovableHandle]:
-        handles = [
+    def install(self, attention: nn.Module) -> list[Removable]:
+        handles: list[Removable] = [
             attention.register_forward_pre_hook(self.enter, with_kwargs=True),
             attention.register_forward_hook(self.leave, with_kwargs=True),
         ]
-        hooks = {"to_q": self.take_queries, "to_k": self.keys_values, "to_v": self.keys_values}
+        hooks = dict(zip(PROJECTIONS, (self.take_queries, self.keys_values, self.keys_values), strict=True))
+        self.projections = [Followed(Point(attention, name, "input"), hook) for name, hook in hooks.items()]
+        for projection in self.projections:
+            projection.follow()
         for name, child in attention.named_modules():
-            if name and not isinstance(child, nn.ModuleList | nn.ModuleDict):
-                handles.append(child.register_forward_pre_hook(hooks.get(name, self.inside)))
-        return handles
+            if name and name not in hooks and not isinstance(child, nn.ModuleList | nn.ModuleDict):
+                handles.append(child.register_forward_pre_hook(self.inside))
+        return [*handles, *self.projections]
 
     def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        for projection in self.projections:
+            projection.follow()
         plan = self.run.take_plan()
         self.plan, self.queries, self.projected, self.ran = plan, None, 0, False
         if plan is not None:
@@ -220,13 +292,14 @@ class OutputMap:
         return None if plan is None else self.fn(output, plan)
 
 
-def install_block(run: BlockRun, planner: Planner, roles: frozenset[str], keys_values: bool) -> list[RemovableHandle]:
+def install_block(run: BlockRun, planner: Planner, roles: frozenset[str], keys_values: bool) -> list[Removable]:
     """Every hook of one block: its plan hook, then the hook sets of the merged ``roles`` (or of its
-    self-attentions' keys and values), then the site's keyword and output maps."""
+    self-attentions' keys and values; the span whose roles are exactly those merged), then the site's keyword and
+    output maps."""
     site = run.site
     run.planner = planner
     eager = not roles and not keys_values
-    handles = [site.block.register_forward_pre_hook(PlanHook(run, eager), with_kwargs=True)]
+    handles: list[Removable] = [site.block.register_forward_pre_hook(PlanHook(run, eager), with_kwargs=True)]
     if keys_values:
         for attention in site.self_attention:
             handles += KVHooks(run).install(attention)
@@ -235,8 +308,9 @@ def install_block(run: BlockRun, planner: Planner, roles: frozenset[str], keys_v
         for role in roles & site.modules.keys():
             for module in (site.modules[role], *site.extra_modules.get(role, ())):
                 handles += MergeHooks(run, role).install(module)
-        for role in roles & site.spans.keys():
-            handles += SpanHooks(run, role).install(*site.spans[role])
+        spanned = roles & frozenset().union(*site.spans)
+        if spanned in site.spans:
+            handles += SpanHooks(run, spanned).install(site.block, *site.spans[spanned])
     for role in roles & site.kwarg_maps.keys():
         for module, fn in site.kwarg_maps[role]:
             handles.append(module.register_forward_pre_hook(KwargMap(run, role, fn), with_kwargs=True))

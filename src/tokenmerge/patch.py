@@ -18,20 +18,19 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from tokenmerge.adapters.base import Adapter, CallShape, Site
 from tokenmerge.adapters.dit import PixArtAdapter, SD3Adapter
 from tokenmerge.adapters.flux import FluxAdapter
 from tokenmerge.adapters.unet import UNetAdapter
 from tokenmerge.caches import check_caches
-from tokenmerge.hooks import BlockRun, install_block
+from tokenmerge.hooks import BlockRun, Removable, install_block
 from tokenmerge.lifecycle import PipelineLink
-from tokenmerge.methods.base import Generation, Layout, Method, PlanCache
+from tokenmerge.methods.base import Generation, Layout, Method, ModelView, PlanCache
 from tokenmerge.parallel import Band, context_parallel
 from tokenmerge.plans import KVPlan, MergePlan
 from tokenmerge.steps import Change, StepTracker
-from tokenmerge.summary import Counters, Summary, Unmerged, summarize
+from tokenmerge.summary import Counters, Summary, Unmerged, merged_roles, summarize
 
 logger = logging.getLogger("tokenmerge")
 
@@ -85,11 +84,20 @@ def place(method: Method, adapter: Adapter) -> list[Site]:
 
 class Patch:
     """Everything ``apply`` installed on one denoiser: the method, its blocks at run time, step tracking, the plan
-    caches of the current generation, the counters ``summary`` reports, and the hooks and wrappers to remove."""
+    caches of the current generation, the counters ``summary`` reports, and the hooks and wrappers to remove.
 
-    def __init__(self, method: Method, adapter: Adapter) -> None:
+    ``method`` is concrete; ``requested`` is the method as given (``"auto"`` options and all) and ``view`` the model
+    it is resolved against (:meth:`Method.resolve`): what an ``"auto"`` option becomes can depend on the attention
+    backend, which may change between calls, so :meth:`check` resolves it again (default: ``method`` itself)."""
+
+    def __init__(
+        self, method: Method, adapter: Adapter, requested: Method | None = None, view: ModelView | None = None
+    ) -> None:
         self.method = method
+        self.requested = method if requested is None else requested
+        self.view = view
         self.adapter = adapter
+        self.layout = layout_of(adapter)
         self.runs = [BlockRun(site) for site in place(method, adapter)]
         self.tracker = StepTracker(method)
         self.generation = Generation()
@@ -97,7 +105,7 @@ class Patch:
         self.counters = Counters()
         self.warned: set[Unmerged | str] = set()
         self.band: Band | None = None  # this rank's band at the last call under context parallelism
-        self.handles: list[RemovableHandle] = []
+        self.handles: list[Removable] = []
         self.link: PipelineLink | None = None  # the pipeline's scheduler and progress bar, wrapped
         self.merged_fraction: float | None = None  # FLOP counting on a twin: see Generation.merged_fraction
         self.last_shape: CallShape | None = None  # of the last call (eager mode), for its FLOPs in the summary
@@ -136,9 +144,27 @@ class Patch:
         self.finish_generation(report=False)
 
     def check(self) -> None:
-        check_model(self.method, self.sites)
+        """What depends on the model and its attention backends (at ``apply``, at each pipeline loop's start and a
+        bare denoiser's new generation): ``"auto"`` options resolved again, then the concrete method checked."""
+        self.follow_resolution()
+        check_model(self.method, self.sites, self.layout)
         check_caches(self.method, self.adapter.model, self.sites)
         check_parallel(self.method, self.adapter)
+
+    def follow_resolution(self) -> None:
+        """Switch to what the requested method resolves to now (CA-ToMe's ``batch="auto"`` under a backend that takes
+        no mask); logged. What depends on the backend changes no placement or hooked sub-module (only CA-ToMe's batch
+        mode does), so the installed hooks serve the new method as they are."""
+        if self.view is None or self.requested is self.method:
+            return
+        concrete = self.requested.resolve(self.view)
+        if concrete == self.method:
+            return
+        logger.info(
+            "%s on %s is now %s", self.requested.describe(self.layout), self.name, concrete.describe(self.layout)
+        )
+        self.method = self.tracker.method = concrete
+        self.caches = {}
 
     # ---- step tracking (denoiser hooks and pipeline events) -------------------------------------------------------
 
@@ -195,7 +221,8 @@ class Patch:
         for reason in reasons if self.method.roles else ():
             if reason not in self.warned:
                 self.warned.add(reason)
-                warn(f"{self.method.describe()} merged nothing in a generation of {self.name}: {reason.value}")
+                what = self.method.describe(self.layout)
+                warn(f"{what} merged nothing in a generation of {self.name}: {reason.value}")
 
     def scheduled(self, timesteps: torch.Tensor | None, can_step: bool) -> None:
         self.finish_generation()
@@ -239,8 +266,10 @@ class Patch:
                 raise ValueError(f"{type(method).__name__} made a plan with a key_bias but sets no key_mask_option")
         n = x.shape[1] if x.ndim == 3 else None
         out = n if plan is None else plan.num_kv if isinstance(plan, KVPlan) else plan.num_merged
-        if plan is not None and n is not None and out >= n:
-            reason = Unmerged.KEEPS_ALL
+        if plan is not None:
+            run.kernel = plan.kernel
+            if n is not None and out >= n:  # keeps every token: the block runs as it is (bit-identical)
+                plan, out, reason = None, n, Unmerged.KEEPS_ALL
         run.plan, run.tokens_in, run.tokens_out = plan, n, out
         if not torch.compiler.is_compiling():
             self.counters.block(reason is None, reason)
@@ -280,7 +309,8 @@ class Patch:
     def summary(self) -> Summary:
         setting = context_parallel(self.adapter.model)
         parallel = self.band.describe() if self.band is not None else setting.member() if setting else None
-        return summarize(self.name, self.method, self.runs, self.counters, parallel)
+        described = self.method.describe(self.layout)
+        return summarize(self.name, described, self.method, self.runs, self.counters, parallel)
 
     def __deepcopy__(self, memo: dict) -> Patch:
         """A copy for a copied model: hooks and caches of its own. Copied with its pipeline, it follows the copied
@@ -297,20 +327,21 @@ class Patch:
         return new
 
 
-def check_model(method: Method, sites: list[Site]) -> None:
+def check_model(method: Method, sites: list[Site], layout: Layout | None = None) -> None:
     """What depends on the model and its attention backends: raise ``ValueError`` naming the option (at ``apply``, and
     again when a pipeline loop or a bare denoiser's generation starts: backends can change in between)."""
     option = method.key_mask_option
+    what = method.describe(layout)
     if option is not None and "attn" in method.roles:
         for site in sites:
             problem = site.key_mask_problem()
             if problem is not None:
-                raise ValueError(f"{method.describe()}: {option[0]} needs a key mask, but {problem}: {option[1]}")
+                raise ValueError(f"{what}: {option[0]} needs a key mask, but {problem}: {option[1]}")
     for site in sites if method.keys_values else ():
         processor = site.fused_projections()
         if processor is not None:
             raise ValueError(
-                f"{method.describe()}: {site.name} runs fused query/key/value projections ({processor}); keys/values "
+                f"{what}: {site.name} runs fused query/key/value projections ({processor}); keys/values "
                 "methods need separate to_k/to_v (call unfuse_qkv_projections())"
             )
 
@@ -333,10 +364,12 @@ def check_parallel(method: Method, adapter: Adapter) -> None:
 
 def explain_placement(method: Method, adapter: Adapter, sites: list[Site]) -> None:
     """Log what ``apply`` patched; warn, naming the option, when it patched nothing."""
-    model = type(adapter.model).__name__
+    model, what = type(adapter.model).__name__, method.describe(layout_of(adapter))
     if sites:
         groups = ", ".join(f"{g} {n}" for g, n in Counter(s.group for s in sites).items())
-        logger.info("%s patched %d blocks of %s (%s)", method.describe(), len(sites), model, groups)
+        roles = Counter(", ".join(merged_roles(s, method)) or "-" for s in sites)
+        merged = "; ".join(f"{r} in {n}" for r, n in roles.items())
+        logger.info("%s patched %d blocks of %s (%s); merged: %s", what, len(sites), model, groups, merged)
         return
     candidates = adapter.sites()
     limit = method.max_downsample
@@ -351,7 +384,7 @@ def explain_placement(method: Method, adapter: Adapter, sites: list[Site]) -> No
     else:
         kinds = ", ".join(f"{k}: {n} blocks" for k, n in Counter(s.kind for s in candidates).items())
         why = f"blocks={method.blocks!r} selects none of its blocks ({kinds}): change blocks="
-    warn(f"{method.describe()} patches no block of this {model}: {why}")
+    warn(f"{what} patches no block of this {model}: {why}")
 
 
 def warn(message: str) -> None:

@@ -24,11 +24,14 @@ class MergePlan(ABC):
     ``merge`` ``(B, N, C) -> (B, K, C)``; ``unmerge`` ``(B, K, C) -> (B, N, C)``. ``dest`` ``(B, K)``: the grid index
     whose position every row takes (rotary embeddings). ``key_bias`` ``(B, 1, K)`` or ``None``: an additive bias on
     the self-attention keys (``-inf``-like on padding rows when ``K`` differs per sample); a plan that has one needs
-    an attention that takes a mask (``Method.key_mask_option``).
+    an attention that takes a mask (``Method.key_mask_option``). ``kernel``: which implementation built the plan
+    where a method has several (ToMA: ``"triton"`` or ``"torch"``, and why the kernels were not used), for
+    ``tm.summary``; ``None`` where it has one.
     """
 
     dest: torch.Tensor
     key_bias: torch.Tensor | None = None
+    kernel: str | None = None
 
     @property
     @abstractmethod
@@ -43,9 +46,11 @@ class MergePlan(ABC):
 
 class KVPlan(ABC):
     """Keys and values from ``M = num_kv`` of the ``N`` image tokens: ``kv`` ``(B, N, C) -> (B, M, C)``;
-    ``kv_index`` ``(M,)``: their grid positions (rotary embeddings of the keys). Nothing to unmerge."""
+    ``kv_index`` ``(M,)``: their grid positions (rotary embeddings of the keys). Nothing to unmerge. ``kernel``: as
+    :class:`MergePlan`'s."""
 
     kv_index: torch.Tensor
+    kernel: str | None = None
 
     @property
     @abstractmethod

@@ -21,7 +21,7 @@ class Unmerged(Enum):
     STEPS = "the step is not in steps="
     GRID = "the input is not one H x W token grid"
     PLAN = "the method has nothing to merge on this grid (smaller than a cell, or ratio * tokens < 1)"
-    KEEPS_ALL = "the plan keeps every token (ratio too small for the tile)"
+    KEEPS_ALL = "the plan keeps every token (a ratio too small for the tile, a threshold no pair reaches)"
     NO_BLOCKS = "no block is patched (max_downsample= / blocks=)"
     SKIPPED = "a step cache skipped every patched block (their outputs came from its cache)"
 
@@ -87,7 +87,9 @@ class Counters:
 @dataclass(frozen=True)
 class BlockSummary:
     """One patched block: where it is, which sub-modules run merged, and its last call's image tokens: ``tokens_in``
-    in, ``tokens_out`` what the merged sub-modules ran on (keys/values for ToDo; ``tokens_in`` when unmerged)."""
+    in, ``tokens_out`` what the merged sub-modules ran on (keys/values for ToDo; ``tokens_in`` when unmerged);
+    ``kernel``: which implementation built its last plan, where the method has several (ToMA: ``"triton"`` or
+    ``"torch"``, with why the kernels were not used), else ``None``."""
 
     name: str
     group: str
@@ -95,6 +97,7 @@ class BlockSummary:
     roles: tuple[str, ...]
     tokens_in: int | None
     tokens_out: int | None
+    kernel: str | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,11 @@ class Summary:
         """Patched blocks per reuse group (UNet level and path, or transformer block kind), in call order."""
         return dict(Counter(b.group for b in self.blocks))
 
+    def kernels(self) -> dict[str, int]:
+        """Which implementation built the blocks' last plans (ToMA: ``"triton"``, ``"torch"`` or why the Triton
+        kernels were not used) -> blocks; empty for methods with one implementation or before a merged call."""
+        return dict(Counter(b.kernel for b in self.blocks if b.kernel is not None))
+
     def __str__(self) -> str:
         if self.method is None:
             return f"tokenmerge: {self.model} is not patched"
@@ -171,6 +179,9 @@ class Summary:
             lines.append(f"last generation: {self.steps_merged} of {self.steps_run} steps merged")
         if self.flops is not None:
             lines.append(str(self.flops))
+        kernels = self.kernels()
+        if kernels:
+            lines.append("plans built by: " + "; ".join(f"{k} ({n} blocks)" for k, n in kernels.items()))
         if self.blocks:
             rows = [("block", "group", "down", "merged", "tokens in", "tokens out")]
             rows += [
@@ -189,10 +200,10 @@ def _count(n: int | None) -> str:
 
 
 def summarize(
-    model: str, method: Method, runs: list[BlockRun], counters: Counters, parallel: str | None = None
+    model: str, described: str, method: Method, runs: list[BlockRun], counters: Counters, parallel: str | None = None
 ) -> Summary:
-    """The :class:`Summary` of a patch: ``method`` on the ``runs`` of a ``model``, with its ``counters`` (and the
-    rank's band under context parallelism)."""
+    """The :class:`Summary` of a patch: ``method`` (``described`` so) on the ``runs`` of a ``model``, with its
+    ``counters`` (and the rank's band under context parallelism)."""
     blocks = tuple(
         BlockSummary(
             name=run.site.name,
@@ -201,12 +212,13 @@ def summarize(
             roles=merged_roles(run.site, method),
             tokens_in=run.tokens_in,
             tokens_out=run.tokens_out,
+            kernel=run.kernel,
         )
         for run in runs
     )
     return Summary(
         model=model,
-        method=method.describe(),
+        method=described,
         blocks=blocks,
         calls=counters.calls,
         merged_calls=counters.merged_calls,
@@ -224,5 +236,5 @@ def merged_roles(site: Site, method: Method) -> tuple[str, ...]:
     """The sub-modules of ``site`` that run on fewer tokens (``attn:keys/values`` for keys/values methods)."""
     if method.keys_values:
         return ("attn:keys/values",)
-    present = site.modules.keys() | site.spans.keys()
+    present = site.roles()
     return tuple(role for role in ROLES if role in method.roles and role in present)

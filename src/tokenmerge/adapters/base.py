@@ -25,6 +25,22 @@ PLAIN_PROCESSORS = frozenset(
 MASK_BACKENDS = frozenset({"native", "_native_math", "_native_efficient", "_native_cudnn", "flex", "xformers"})
 
 
+@dataclass(frozen=True, eq=False)
+class Point:
+    """A place in a block where tokens are merged or unmerged: the input (``side="input"``: the first argument or
+    ``hidden_states``) or the output (``"output"``) of the sub-module ``name`` of ``parent``, looked up when the
+    block runs, since a LoRA loaded or unloaded after ``apply`` (peft) replaces a ``Linear`` by a wrapper holding it
+    as ``base_layer``, and back."""
+
+    parent: nn.Module
+    name: str
+    side: str = "output"
+
+    @property
+    def module(self) -> nn.Module | None:
+        return self.parent._modules.get(self.name)
+
+
 @dataclass(eq=False)
 class GridSlot:
     """The ``(H, W)`` token grid of the blocks it is shared by, written by a hook before they run; under context
@@ -47,9 +63,11 @@ class Site:
     - ``kind`` / ``index``: block kind (``double``, ``single``, ``joint``, ...) and index within it, for placement
       by index ranges;
     - ``extra_modules``: more sub-modules per role, hooked like ``modules`` (SD3.5's second self-attention);
-    - ``spans``: role -> ``(entry, exit)`` for joint sequences ``[text, image]``: the image suffix (the last ``H*W``
-      tokens) of ``entry``'s output is merged and that of ``exit``'s output unmerged, the text prefix passing through
-      (Flux single-stream blocks: norm -> attention and parallel MLP -> ``proj_out``);
+    - ``spans``: a set of roles -> ``(entry, exit)`` :class:`Point` pair for joint sequences ``[text, image]``: the
+      image suffix (the last ``H*W`` tokens) is merged at ``entry`` and unmerged at ``exit`` (an output), the text
+      prefix passing through; the span whose roles are exactly the method's is used (Flux single-stream blocks,
+      where attention and MLP run in parallel: ``{attn, mlp}`` norm output -> ``proj_out`` output, ``{attn}`` the
+      attention's input -> output, ``{mlp}`` ``proj_mlp``'s input -> ``act_mlp``'s output);
     - ``kwarg_maps`` / ``output_maps``: role -> ``[(module, fn)]``: while the role runs merged, ``module``'s keyword
       arguments become ``fn(kwargs, plan)`` / its output ``fn(output, plan)`` (rotary positions of merged tokens);
     - ``masks_keys``: the ``attn`` kwarg maps pass a plan's ``key_bias`` to the attention themselves (joint attention
@@ -71,11 +89,15 @@ class Site:
     kind: str | None = None
     index: int = 0
     extra_modules: dict[str, list[nn.Module]] = field(default_factory=dict)
-    spans: dict[str, tuple[nn.Module, nn.Module]] = field(default_factory=dict)
+    spans: dict[frozenset[str], tuple[Point, Point]] = field(default_factory=dict)
     kwarg_maps: dict[str, list[tuple[nn.Module, Callable[[dict, Any], dict]]]] = field(default_factory=dict)
     output_maps: dict[str, list[tuple[nn.Module, Callable[[Any, Any], Any]]]] = field(default_factory=dict)
     masks_keys: bool = False
     self_attention: list[nn.Module] = field(default_factory=list)
+
+    def roles(self) -> frozenset[str]:
+        """The roles that can run merged here (sub-modules and spans)."""
+        return frozenset(self.modules).union(*self.spans)
 
     def attention_modules(self) -> list[nn.Module]:
         """The modules that compute this block's merged self-attention (the ``attn`` role)."""
@@ -163,6 +185,7 @@ class Adapter(ABC):
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self._sites: list[Site] | None = None
 
     def default_blocks(self) -> Blocks:
         """Block kind -> index ranges ``((start, stop), ...)`` (half-open, ``stop`` None = to the end) merged when a
@@ -198,8 +221,15 @@ class Adapter(ABC):
             or any(start <= s.index and (stop is None or s.index < stop) for start, stop in ranges.get(s.kind, ()))
         ]
 
-    @abstractmethod
     def sites(self) -> list[Site]:
+        """Every block that can be merged, in call order: found once (:meth:`find_sites`), so that every caller sees
+        the same sites and grid slots, the ones the grid hooks fill."""
+        if self._sites is None:
+            self._sites = self.find_sites()
+        return list(self._sites)
+
+    @abstractmethod
+    def find_sites(self) -> list[Site]:
         """Every block that can be merged, in call order."""
 
     @abstractmethod

@@ -33,7 +33,7 @@ class _PatchGridAdapter(Adapter):
     def block_modules(self, block: nn.Module) -> tuple[dict[str, nn.Module], dict[str, list[nn.Module]]]:
         raise NotImplementedError
 
-    def sites(self) -> list[Site]:
+    def find_sites(self) -> list[Site]:
         sites = []
         for i, block in enumerate(self.model.transformer_blocks):
             modules, extra = self.block_modules(block)

@@ -4,9 +4,14 @@ Double-stream blocks (kind ``double``): the image tokens are merged for the join
 are never merged, so the attention runs over ``[text, merged image]`` and the output is unmerged after the image
 output projection (the first element of the attention's ``(image, text)`` output).
 
-Single-stream blocks (kind ``single``): the block runs on ``[text, image]``; the image suffix of the norm's output is
-merged, so the attention *and* the parallel MLP run on ``[text, merged image]``, and the image suffix of
-``proj_out``'s output is unmerged before the gate and residual add.
+Single-stream blocks (kind ``single``): the block runs on ``[text, image]``, its attention and MLP in parallel from
+one norm. With both merged (``merge_attn`` and ``merge_mlp``, ToMA's default) the image suffix of the norm's output
+is merged, so both run on ``[text, merged image]``, and the image suffix of ``proj_out``'s output is unmerged before
+the gate and residual add; with one of them, that branch alone runs merged (the attention's input to its output, or
+``proj_mlp``'s input to ``act_mlp``'s output) and ``proj_out`` sees full rows.
+
+The double-stream MLPs always stay full (``merge_mlp`` acts on single-stream blocks): the ToMA reference merges the
+double-stream attention only, and so does the measured default.
 
 Rotary positions: a merged token takes its destination's position. Destinations differ per sample, so the rotary
 tables differ per sample too, which diffusers' ``apply_rotary_emb`` cannot take (its tables are ``(S, D)``). While a
@@ -39,7 +44,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tokenmerge.adapters.base import Adapter, Blocks, CallShape, GridSlot, Site, call_arg, example_tensor
+from tokenmerge.adapters.base import Adapter, Blocks, CallShape, GridSlot, Point, Site, call_arg, example_tensor
 from tokenmerge.parallel import Band, ContextParallel, context_parallel
 from tokenmerge.plans import KVPlan
 
@@ -172,7 +177,7 @@ class FluxAdapter(Adapter):
         counts = {"double": len(self.model.transformer_blocks), "single": len(self.model.single_transformer_blocks)}
         return {kind: ((default_full(kind, n), None),) for kind, n in counts.items()}
 
-    def sites(self) -> list[Site]:
+    def find_sites(self) -> list[Site]:
         slot = self.slot
         attention_kwargs = AttentionKwargs(slot)
         img_q, img_k, txt = RotaryMap(slot, "image", "q"), RotaryMap(slot, "image", "k"), RotaryMap(slot, "text", "q")
@@ -211,7 +216,11 @@ class FluxAdapter(Adapter):
                     grid=slot,
                     kind="single",
                     index=i,
-                    spans={"attn": (block.norm, block.proj_out)},
+                    spans={
+                        frozenset({"attn", "mlp"}): (Point(block, "norm"), Point(block, "proj_out")),
+                        frozenset({"attn"}): (Point(block, "attn", "input"), Point(block, "attn")),
+                        frozenset({"mlp"}): (Point(block, "proj_mlp", "input"), Point(block, "act_mlp")),
+                    },
                     kwarg_maps={"attn": [(attn, attention_kwargs)]},
                     output_maps={"attn": _checked(maps)},
                     masks_keys=True,

@@ -37,7 +37,7 @@ class UNetAdapter(Adapter):
         super().__init__(model)
         self._owners: list[tuple[GridSlot, nn.Module]] = []  # each slot and the Transformer2DModel that fills it
 
-    def sites(self) -> list[Site]:
+    def find_sites(self) -> list[Site]:
         unet = self.model
         n = len(unet.down_blocks)
         stages = [(f"down_blocks.{i}", b, "down", 2**i) for i, b in enumerate(unet.down_blocks)]

@@ -114,7 +114,12 @@ def check_image_size(pipe: Any, height: int | None, width: int | None) -> None:
     if not {"prompt", "height", "width"} <= params.keys():
         return
     empty, named = inspect.Parameter.empty, (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    kwargs: dict[str, Any] = {n: None for n, p in params.items() if p.default is empty and p.kind in named}
+    defaults: dict[str, Any] = {}  # what the call passes them by default (a subclass' defaults first)
+    for cls in reversed(type(pipe).__mro__):
+        if "__call__" in vars(cls) and cls is not object:
+            call = inspect.signature(vars(cls)["__call__"]).parameters
+            defaults.update({n: p.default for n, p in call.items() if p.default is not empty})
+    kwargs: dict[str, Any] = {n: defaults.get(n) for n, p in params.items() if p.default is empty and p.kind in named}
     side = _default_side(pipe)
     kwargs.update(prompt="", height=height or side or width, width=width or side or height)
     try:

@@ -116,6 +116,8 @@ def parse_method(spec: str) -> MethodSpec:
             raise HarnessError(f"--method {spec!r}: expected OPTION=VALUE, got {item!r}")
         if key not in fields:
             raise HarnessError(f"--method {spec!r}: {name} has no option {key!r}; options: {', '.join(sorted(fields))}")
+        if key in kwargs:
+            raise HarnessError(f"--method {spec!r}: option {key!r} is given twice")
         try:
             value = _value(raw, fields[key])
         except ValueError as exc:

@@ -33,9 +33,9 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
 
 
 def _jsonable(value: Any) -> Any:
-    """JSON has no infinity: write it as the string ``"inf"``."""
-    if isinstance(value, float) and math.isinf(value):
-        return "inf" if value > 0 else "-inf"
+    """Strict JSON has no infinity and no NaN: write them as the strings ``"inf"``, ``"-inf"`` and ``"nan"``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -44,7 +44,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
+    path.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False) + "\n")
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
@@ -107,11 +107,16 @@ def partial_dir(out: Path) -> Path:
 
 
 def check_output(out: Path, overwrite: bool) -> None:
-    """Fail, before any work, when the output folder ``out`` could not be written at the end: it exists (and not
-    ``overwrite``), or the nearest folder above it that exists is a file or takes no new entries (a probe folder
-    is created and deleted there)."""
+    """Fail, before any work, when the output ``out`` (a folder or a file) could not be written at the end: it exists
+    (and not ``overwrite``), or :func:`check_writable` fails."""
     if out.exists() and not overwrite:
         raise HarnessError(f"output {out} already exists (pass --overwrite to replace it)")
+    check_writable(out)
+
+
+def check_writable(out: Path) -> None:
+    """Fail, before any work, when ``out`` could not be created or replaced: the nearest folder above it that exists
+    is a file or takes no new entries (a probe folder is created and deleted there)."""
     parent = out.absolute().parent
     while not parent.exists():
         parent = parent.parent

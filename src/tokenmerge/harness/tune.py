@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,10 @@ class Goal:
     metric: Metric
 
     def __post_init__(self) -> None:
+        for name in ("speedup", "min_fidelity"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise TypeError(f"{name} must be a number or None, got {type(value).__name__} {value!r}")
         if self.speedup is None and self.min_fidelity is None:
             raise HarnessError("give a speed-up target, a min_fidelity, or both")
         if self.speedup is not None and not (math.isfinite(self.speedup) and self.speedup > 1.0):
@@ -546,6 +551,8 @@ def tune_runner(
         if apply:
             hit.apply(runner.target)
         return hit
+    if path is not None:
+        tune_cache.check_cache(path)  # before measuring, not a minute later
     start = time.perf_counter()
     restore = _quiet(runner.target)
     try:

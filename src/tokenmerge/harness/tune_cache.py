@@ -122,6 +122,18 @@ def cache_path(cache: str | Path, key: dict[str, Any]) -> Path:
     return path / f"tune-{cls}-{_sha(json.dumps(key, sort_keys=True).encode())}.json"
 
 
+def check_cache(cache: str | Path) -> None:
+    """A :class:`HarnessError`, before anything is measured, when a result could not be written to ``cache`` (a
+    folder, or a ``.json`` file)."""
+    from tokenmerge.harness.report import check_writable
+
+    path = Path(cache).expanduser()
+    try:
+        check_writable(path if path.suffix == ".json" else path / "tune.json")
+    except HarnessError as exc:
+        raise HarnessError(f"--cache / cache=: {exc}") from None
+
+
 def differences(have: dict[str, Any], want: dict[str, Any], prefix: str = "") -> list[str]:
     """``"path: file value vs this value"`` for every leaf of ``want`` that ``have`` holds differently."""
     out = []
@@ -267,8 +279,9 @@ def load_tuned(
 def describe_key(key: dict[str, Any]) -> Sequence[str]:
     """Lines for a report: the setup a result holds for."""
     m, i = key["model"], key["images"]
+    size = f"{i['height']}x{i['width']}" if i["height"] and i["width"] else "the pipeline's default size"
     return [
         f"model {m['cls'].rpartition('.')[2]} ({m['name_or_path'] or 'weights ' + m['weights']}), "
-        f"{i['height']}x{i['width']}, {i['steps']} steps, {key['device']}, {key['dtype']}",
+        f"{size}, {i['steps']} steps, {key['device']}, {key['dtype']}",
         "versions: " + ", ".join(f"{k} {v}" for k, v in key["versions"].items()),
     ]

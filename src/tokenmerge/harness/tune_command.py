@@ -40,6 +40,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, help="cap on the estimated measuring time in seconds")
     p.add_argument("--cache", type=Path, help="folder (or .json file) of tuned results: reused when the setup matches")
     p.add_argument("--out", type=Path, help="also write the result to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--prompts", help="built-in set or prompt file (default: a few of general / the reference grammar)")
     p.add_argument("--num-prompts", type=int, help="first N prompts (default: reference 4, pipelines 2)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds for every prompt (default: 1000 + index)")
@@ -55,7 +56,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Check the arguments, open the model, tune, print the report."""
-    from tokenmerge.harness import models, tune, tune_cache
+    from tokenmerge.harness import models, report, tune, tune_cache
     from tokenmerge.harness.prompts import load_prompts
     from tokenmerge.harness.runners import REFERENCE, open_runner
     from tokenmerge.harness.sweep import Selection
@@ -66,8 +67,12 @@ def run(args: argparse.Namespace) -> int:
             raise HarnessError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.budget_s is not None and args.budget_s <= 0:
         raise HarnessError(f"--budget-s must be > 0, got {args.budget_s}")
-    if args.out is not None and args.out.suffix != ".json":
-        raise HarnessError(f"--out must name a .json file, got {args.out}")
+    if args.out is not None:
+        if args.out.suffix != ".json":
+            raise HarnessError(f"--out must name a .json file, got {args.out}")
+        report.check_output(args.out, args.overwrite)
+    if args.cache is not None:
+        tune_cache.check_cache(args.cache)
     goal = tune.Goal(_speedup(args.speedup), args.min_fidelity, tune._metric(args.metric))
     selection = None
     if args.methods is not None:

@@ -163,13 +163,19 @@ class Method(ABC):
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
 
-    def describe(self) -> str:
-        """The options that differ from their defaults, main knob first: ``ToMeSD(ratio=0.6, max_downsample=2)``."""
+    def describe(self, layout: Layout | None = None) -> str:
+        """The options that differ from their defaults, main knob first: ``ToMeSD(ratio=0.6, max_downsample=2)``;
+        on a model of ``layout``, without the options that mean nothing there (``max_downsample`` on a diffusion
+        transformer, whose blocks are all at the latent's resolution)."""
+        moot = {"max_downsample"} if layout is not None and layout.family != "unet" else set()
         options = sorted(dataclasses.fields(self), key=lambda f: f.kw_only)
         changed = [
             f"{f.name}={getattr(self, f.name)!r}"
             for f in options
-            if f.init and f.default is not dataclasses.MISSING and getattr(self, f.name) != f.default
+            if f.init
+            and f.name not in moot
+            and f.default is not dataclasses.MISSING
+            and getattr(self, f.name) != f.default
         ]
         return f"{type(self).__name__}({', '.join(changed)})"
 
@@ -334,12 +340,18 @@ def parse_blocks(blocks: Mapping[str, Any] | None) -> dict[str, tuple[tuple[int,
     """Normalise block placement ``{kind: ranges}`` to half-open ``(start, stop)`` pairs (``stop`` None = to the end).
 
     A kind's ranges are a ``range`` (step 1), a ``(start, stop)`` pair or a list of them, e.g.
-    ``{"double": (5, None), "single": [range(0, 4), (10, 20)]}``; an empty list merges none of that kind.
+    ``{"double": (5, None), "single": [range(0, 4), (10, 20)]}``; an empty list merges none of that kind. An empty
+    mapping names no kind, which would silently mean the default placement: a ``ValueError``.
     """
     if blocks is None:
         return None
     if not isinstance(blocks, Mapping):
         raise TypeError(f"blocks must be a mapping of block kind to index ranges, got {type(blocks).__name__}")
+    if not blocks:
+        raise ValueError(
+            "blocks={} names no block kind: use None for the default placement, or e.g. {'single': []} to merge no "
+            "block of a kind"
+        )
     out = {}
     for kind, spec in blocks.items():
         items = [spec] if isinstance(spec, range) or _is_pair(spec) else spec

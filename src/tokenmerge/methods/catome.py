@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import numbers
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from tokenmerge.methods.base import PlanCache, integer, real
+from tokenmerge.methods.base import AUTO, ModelView, PlanCache, integer, real
 from tokenmerge.methods.cells import CellMethod
 from tokenmerge.ops.bipartite import SlotMerge, bipartite_match, slot_merge, top_sources
+
+logger = logging.getLogger("tokenmerge")
 
 #: Steps of the reference schedules' base length.
 REFERENCE_STEPS = 50
@@ -23,7 +27,9 @@ SCHEDULES: dict[str, tuple[int, ...]] = {
     "adaptive": (0, 1, 5, 7, 10, 12, 15, 35, 40, 45, 46, 47, 48, 49),
     "every5": tuple(range(0, REFERENCE_STEPS, 5)),
 }
-BATCH_MODES = ("sample", "max", "min")
+BATCH_MODES = (AUTO, "sample", "max", "min")
+#: What ``batch="auto"`` becomes where a patched self-attention takes no key mask (``"sample"`` needs one).
+BATCH_FALLBACK = "min"
 
 
 def scale_schedule(steps: Sequence[int], num_steps: int, base: int = REFERENCE_STEPS) -> frozenset[int]:
@@ -49,14 +55,20 @@ class CAToMe(CellMethod):
 
     How many sources merge in a batch (``batch``):
 
-    - ``"sample"`` (default): each sample merges exactly its own sources above the threshold, independent of its batch
-      mates and of the other guidance half. Samples with fewer merges keep more rows; the others are padded to the
-      batch's longest with zero rows that self-attention masks out as keys (an additive ``-inf``-like key bias, so
-      the softmax is exactly that of the sample alone; padded query rows are computed and discarded). Cost: every
-      sample runs at the longest sample's length, and the mask (always passed, so that shapes and kernels do not
-      depend on the content) rules out flash kernels on GPU. Needs self-attention that takes an ``attention_mask``
-      (UNets, PixArt, Flux on a backend with masks): elsewhere (SD3's joint attention, flash or sage backends)
-      ``apply`` raises ``ValueError``: use ``"min"`` or ``"max"``.
+    - ``"auto"`` (default): ``"sample"`` where every patched self-attention takes a key mask (UNets, PixArt, Flux on
+      a backend with masks), else ``"min"`` (SD3's joint attention, the flash and sage backends), chosen at ``apply``
+      and again at every pipeline call's start (a backend set in between, e.g. ``with attention_backend("flash")``,
+      switches that call to ``"min"``), logged; ``tm.summary`` shows the result. ``"min"`` is the fallback because it
+      keeps the threshold a bound: no pair below it is ever merged, in any sample (at batch size 1 it is
+      ``"sample"``); ``"max"`` would merge pairs below it in samples whose batch mates merge more.
+    - ``"sample"``: each sample merges exactly its own sources above the threshold, as if it ran alone: independent
+      of its batch mates, the other guidance half and the batch size (random destinations are drawn whatever the
+      batch size). Samples with fewer merges keep more rows; the others are padded to the batch's longest with zero
+      rows that self-attention masks out as keys (an additive ``-inf``-like key bias, so the softmax is exactly that
+      of the sample alone; padded query rows are computed and discarded). Cost: every sample runs at the longest
+      sample's length, and the mask (always passed, so that shapes and kernels do not depend on the content) rules
+      out flash kernels on GPU. Needs self-attention that takes an ``attention_mask``: elsewhere ``apply`` (or the
+      call's start) raises ``ValueError``.
     - ``"max"``: the reference: ``r = max_b count_b``; every sample merges its top ``r`` sources (some below the
       threshold), so batch mates change each other's result.
     - ``"min"``: ``r = min_b count_b``: only pairs above the threshold merge in every sample (conservative).
@@ -70,7 +82,7 @@ class CAToMe(CellMethod):
             Steps before a block's first plan of a generation always compute one.
         num_steps: the run's step count for scaling a named schedule; ``None``: the steps the pipeline runs (the
             scheduler's count, less those an img2img ``strength`` skips), or 50 for a bare denoiser.
-        batch: ``"sample"``, ``"max"`` or ``"min"`` (see above).
+        batch: ``"auto"``, ``"sample"``, ``"max"`` or ``"min"`` (see above).
         bucket: static shapes for ``torch.compile``: the merged length is rounded up to a multiple of ``bucket``
             (``"sample"``: more padding rows; ``"max"``/``"min"``: fewer merged sources).
         max_downsample, sx, sy, use_rand, merge_attn, merge_crossattn, merge_mlp, seed, steps, blocks: keyword-only,
@@ -80,7 +92,7 @@ class CAToMe(CellMethod):
     threshold: float = 0.7
     schedule: str | int | Sequence[int] = "config3"
     num_steps: int | None = field(default=None, kw_only=True)
-    batch: str = field(default="sample", kw_only=True)
+    batch: str = field(default=AUTO, kw_only=True)
     bucket: int = field(default=1, kw_only=True)
 
     cache_scope = "block"
@@ -106,9 +118,28 @@ class CAToMe(CellMethod):
             raise ValueError(f"batch must be one of {', '.join(BATCH_MODES)}, got {self.batch!r}")
         self._set("bucket", integer("bucket", self.bucket, 1))
 
+    def resolve(self, model: ModelView) -> CAToMe:
+        """``batch="auto"`` made concrete: ``"sample"`` where every self-attention it patches takes a key mask (or
+        attention is not merged), else :data:`BATCH_FALLBACK`."""
+        method = super().resolve(model)
+        if method.batch != AUTO:
+            return method
+        exact = dataclasses.replace(method, batch="sample")
+        problem = model.key_mask_problem(exact) if "attn" in exact.roles else None
+        if problem is None:
+            return exact
+        logger.debug("CAToMe batch='auto' is %r: per-sample merging needs a key mask, but %s", BATCH_FALLBACK, problem)
+        return dataclasses.replace(method, batch=BATCH_FALLBACK)
+
     @property
     def key_mask_option(self) -> tuple[str, str] | None:
-        return ("batch='sample'", "use batch='min' or batch='max' here") if self.batch == "sample" else None
+        if self.batch != "sample":
+            return None
+        return ("batch='sample'", "use batch='auto' (the default), 'min' or 'max' here")
+
+    @property
+    def random_any_batch(self) -> bool:
+        return self.batch == "sample"  # as if each sample ran alone: the same draws at any batch size
 
     def checkpoints(self, num_steps: int | None = None) -> frozenset[int] | None:
         """The 0-based checkpoint steps of a ``num_steps`` run (``None`` for an every-n schedule: ``step % n == 0``)."""

@@ -9,6 +9,9 @@ import torch
 from tokenmerge.methods.base import FlagRoles, Generation, Method, boolean, integer
 from tokenmerge.ops.bipartite import cell_destinations
 
+#: Seeds a ``torch.Generator`` takes: ``[0, 2**64)``.
+SEED_RANGE = 2**64
+
 
 def check_cells(sx: object, sy: object) -> tuple[int, int]:
     sx, sy = integer("sx", sx, 1), integer("sy", sy, 1)
@@ -42,11 +45,12 @@ class CellMethod(FlagRoles, Method):
         max_downsample: merge in blocks whose grid is at most this many times smaller than the latent; ``None``
             (default): the finest level that has attention in the model (SD 1.x: 1 as in ``tomesd``; SDXL: 2).
         sx, sy: cell width and height; one destination per full cell, every other token a source.
-        use_rand: random destination per cell (else the top-left one); as in ``tomesd`` it is turned off for odd
-            batch sizes.
+        use_rand: random destination per cell (else the top-left one), one draw shared by the batch; as in
+            ``tomesd`` it is turned off for odd batch sizes (so a sample's merge depends on its batch size), except
+            in CA-ToMe's ``batch="sample"``, which must not depend on it.
         merge_attn / merge_crossattn / merge_mlp: which sub-modules run on merged tokens (``tomesd`` defaults).
-        seed: seed of the destination draws, re-seeded at every generation; ``None`` forks torch's global generator
-            at the start of each generation (see :func:`generation_rng`).
+        seed: seed of the destination draws, re-seeded at every generation, in ``[0, 2**64)``; ``None`` forks torch's
+            global generator at the start of each generation (see :func:`generation_rng`).
         steps, blocks: as every method (:class:`~tokenmerge.Method`).
     """
 
@@ -65,7 +69,16 @@ class CellMethod(FlagRoles, Method):
         boolean("use_rand", self.use_rand)
         self.check_flags()
         if self.seed is not None:
-            self._set("seed", integer("seed", self.seed))
+            seed = integer("seed", self.seed, 0)
+            if seed >= SEED_RANGE:
+                raise ValueError(f"seed must be below 2**64 (a torch.Generator seed), got {seed}")
+            self._set("seed", seed)
+
+    @property
+    def random_any_batch(self) -> bool:
+        """Whether random destinations are drawn whatever the batch size (else, as in ``tomesd``, for even batches
+        only)."""
+        return False
 
     def mergeable(self, grid: tuple[int, int]) -> int:
         """The sources: every token but one destination per full cell."""
@@ -73,7 +86,8 @@ class CellMethod(FlagRoles, Method):
         return h * w - (h // self.sy) * (w // self.sx)
 
     def destinations(self, x: torch.Tensor, grid: tuple[int, int], generation: Generation) -> torch.Tensor:
-        """``(D,)`` grid indices of one destination per full cell of ``grid`` (random per generation unless
-        ``use_rand`` is off or the batch is odd)."""
-        rng = generation_rng(generation, self.seed) if self.use_rand and x.shape[0] % 2 == 0 else None
+        """``(D,)`` grid indices of one destination per full cell of ``grid``, shared by the batch (random per
+        generation unless ``use_rand`` is off or, see :attr:`random_any_batch`, the batch is odd)."""
+        random = self.use_rand and (self.random_any_batch or x.shape[0] % 2 == 0)
+        rng = generation_rng(generation, self.seed) if random else None
         return cell_destinations(*grid, self.sx, self.sy, rng, x.device)

@@ -26,7 +26,8 @@ from tokenmerge.methods.base import (
 )
 from tokenmerge.ops.select import TIE_TOL
 from tokenmerge.ops.tiles import TileGrid
-from tokenmerge.ops.toma import MergedKV, TileMerge, toma_merge
+from tokenmerge.ops.toma import MergedKV, MergeOptions, TileMerge
+from tokenmerge.ops.toma_dispatch import toma_merge
 from tokenmerge.parallel import Band
 
 logger = logging.getLogger("tokenmerge")
@@ -220,6 +221,11 @@ class ToMA(FlagRoles, Method):
         )
 
     @property
+    def merge_options(self) -> MergeOptions:
+        """The options a merge is built with (:func:`tokenmerge.ops.toma_dispatch.toma_merge`)."""
+        return MergeOptions(self.ratio, self.tau, self.tie_tol, self.locality)
+
+    @property
     def keys_values(self) -> bool:  # type: ignore[override]
         return self.mode == "kv"
 
@@ -260,7 +266,7 @@ class ToMA(FlagRoles, Method):
         if cache.merge is None or (weights_due and not cache.fresh):
             dest = None if dest_due else cache.dest
             tiles = TileGrid(*grid, *self.tile)
-            merge, cache.dest = toma_merge(x, tiles, self.ratio, self.tau, dest, self.tie_tol, self.locality)
+            merge, cache.dest = toma_merge(x, tiles, self.merge_options, dest)
             cache.merge = MergedKV(merge, self.kv_tokens == "destinations") if self.keys_values else merge
             cache.fresh = True
         return cache.merge

@@ -9,8 +9,6 @@ to 1), with each destination's own column forced one-hot; merge ``Y = M @ X`` wi
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +17,18 @@ import torch.nn.functional as F
 from tokenmerge.ops.select import TIE_TOL, cosine_similarity, facility_location
 from tokenmerge.ops.tiles import TileGrid
 from tokenmerge.plans import KVPlan, MergePlan
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """What a ToMA merge is built with (:class:`tokenmerge.ToMA`'s options of the same names): ``ratio`` the fraction
+    of each tile's tokens removed, ``tau`` the assignment's softmax temperature, ``tie_tol`` the selection's tie
+    tolerance per tile token, ``locality`` the distance prior's ``lambda`` (0: none)."""
+
+    ratio: float
+    tau: float
+    tie_tol: float = TIE_TOL
+    locality: float = 0.0
 
 
 def keep_count(tile_size: int, ratio: float) -> int:
@@ -57,13 +67,15 @@ class TileMerge(MergePlan):
     """A ToMA merge over a :class:`TileGrid`: per region, merge ``(B, T, k, s)`` and unmerge ``(B, T, s, k)``.
 
     ``dest`` holds the grid index of every merged token, ``(B, K)`` in merged order, for position lookups
-    (rotary embeddings take the destination's position).
+    (rotary embeddings take the destination's position). ``kernel``: which implementation built it (``"torch"``
+    here; see :mod:`tokenmerge.ops.toma_dispatch`).
     """
 
     grid: TileGrid
     merge_mats: list[torch.Tensor]
     unmerge_mats: list[torch.Tensor]
     dest: torch.Tensor
+    kernel: str = "torch"
 
     @classmethod
     def from_assignment(
@@ -118,6 +130,10 @@ class MergedKV(KVPlan):
     def num_kv(self) -> int:
         return self.merge.num_merged
 
+    @property
+    def kernel(self) -> str:  # type: ignore[override]
+        return self.merge.kernel
+
     def kv(self, x: torch.Tensor) -> torch.Tensor:
         if self.select:
             dest = self.merge.dest
@@ -125,56 +141,23 @@ class MergedKV(KVPlan):
         return self.merge.merge(x)
 
 
-USE_TRITON: bool = os.environ.get("TOKENMERGE_TRITON", "1") != "0" and importlib.util.find_spec("triton") is not None
-"""Whether :func:`toma_merge` may take the fused Triton path on CUDA (env ``TOKENMERGE_TRITON=0`` at import, or set
-this to False, forces the torch path)."""
-
-
-def use_triton(x: torch.Tensor) -> bool:
-    """Whether :func:`toma_merge` builds the merge of ``x`` with the Triton kernels (``ops/triton_toma.py``); not
-    while ``torch.compile`` traces, where inductor fuses the torch path itself."""
-    return USE_TRITON and x.is_cuda and not torch.compiler.is_compiling()
-
-
-def toma_merge(
-    x: torch.Tensor,
-    grid: TileGrid,
-    ratio: float,
-    tau: float = 1000.0,
-    dest: list[torch.Tensor] | None = None,
-    tie_tol: float = TIE_TOL,
-    locality: float = 0.0,
+def toma_merge_torch(
+    x: torch.Tensor, grid: TileGrid, options: MergeOptions, dest: list[torch.Tensor] | None = None
 ) -> tuple[TileMerge, list[torch.Tensor]]:
-    """Build the ToMA merge of ``x`` ``(B, N, C)`` on ``grid``; reuses tile-local ``dest`` if given, else selects
-    them with tie tolerance ``tie_tol``; ``locality`` (``lambda``) subtracts ``lambda * d^2`` from the similarities
-    of tokens ``d`` grid steps apart, in selection and weights.
+    """Build the ToMA merge of ``x`` ``(B, N, C)`` on ``grid`` with ``options`` in torch (any device); reuses
+    tile-local ``dest`` if given, else selects them (facility location, stable ties within ``tie_tol``);
+    ``locality`` (``lambda``) subtracts ``lambda * d^2`` from the similarities of tokens ``d`` grid steps apart, in
+    selection and weights.
 
     Returns the merge and the tile-local destinations (one ``(B, T_r, k_r)`` tensor per region) for later reuse.
-    Dispatches to the fused Triton kernels when :func:`use_triton`, else to :func:`toma_merge_torch`.
     """
-    if use_triton(x):
-        from tokenmerge.ops.triton_toma import toma_merge_triton
-
-        return toma_merge_triton(x, grid, ratio, tau, dest, tie_tol, locality)
-    return toma_merge_torch(x, grid, ratio, tau, dest, tie_tol, locality)
-
-
-def toma_merge_torch(
-    x: torch.Tensor,
-    grid: TileGrid,
-    ratio: float,
-    tau: float = 1000.0,
-    dest: list[torch.Tensor] | None = None,
-    tie_tol: float = TIE_TOL,
-    locality: float = 0.0,
-) -> tuple[TileMerge, list[torch.Tensor]]:
-    """The pure-torch :func:`toma_merge` (any device)."""
     tiles = grid.fold(x)
-    priors = [locality * r.sq_distances(x.device) if locality else None for r in grid.regions]
+    lam = options.locality
+    priors = [lam * r.sq_distances(x.device) if lam else None for r in grid.regions]
     if dest is None:
         dest = [
-            select_destinations(t, keep_count(t.shape[2], ratio), tie_tol, p)
+            select_destinations(t, keep_count(t.shape[2], options.ratio), options.tie_tol, p)
             for t, p in zip(tiles, priors, strict=True)
         ]
-    assign = [merge_weights(t, d, tau, p) for t, d, p in zip(tiles, dest, priors, strict=True)]
+    assign = [merge_weights(t, d, options.tau, p) for t, d, p in zip(tiles, dest, priors, strict=True)]
     return TileMerge.from_assignment(grid, assign, dest, x.dtype), dest

@@ -23,9 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tokenmerge.ops.select import TIE_TOL
 from tokenmerge.ops.tiles import Region, TileGrid
-from tokenmerge.ops.toma import TileMerge, keep_count, toma_merge_torch
+from tokenmerge.ops.toma import MergeOptions, TileMerge, keep_count
 
 MAX_TILE_SIZE = 128
 """Largest tile (tokens) the kernels take: the ``s x s`` similarity lives in registers; larger tiles use torch."""
@@ -282,23 +281,19 @@ class TritonTileMerge(TileMerge):
 
 
 def toma_merge_triton(
-    x: torch.Tensor,
-    grid: TileGrid,
-    ratio: float,
-    tau: float = 1000.0,
-    dest: list[torch.Tensor] | None = None,
-    tie_tol: float = TIE_TOL,
-    locality: float = 0.0,
-) -> tuple[TileMerge, list[torch.Tensor]]:
+    x: torch.Tensor, grid: TileGrid, options: MergeOptions, dest: list[torch.Tensor] | None = None
+) -> tuple[TritonTileMerge, list[torch.Tensor]]:
     """Fused-kernel :func:`~tokenmerge.ops.toma.toma_merge_torch`: same arguments, same results (up to float
-    rounding of the weights; the same destinations, by the same stable tie rule). Falls back to the torch path where
-    the kernels do not apply."""
-    if not kernels_apply(x, grid):
-        return toma_merge_torch(x, grid, ratio, tau, dest, tie_tol, locality)
+    rounding of the weights; the same destinations, by the same stable tie rule). Only where :func:`kernels_apply`
+    (the dispatcher, :mod:`tokenmerge.ops.toma_dispatch`, checks)."""
     b, n, c = x.shape
     if n != grid.num_tokens:
         raise ValueError(f"expected {grid.num_tokens} tokens for a {grid.height}x{grid.width} grid, got {n}")
-    ks = [d.shape[-1] for d in dest] if dest is not None else [keep_count(r.tile_size, ratio) for r in grid.regions]
+    ks = (
+        [d.shape[-1] for d in dest]
+        if dest is not None
+        else [keep_count(r.tile_size, options.ratio) for r in grid.regions]
+    )
     k_total = sum(r.num_tiles * k for r, k in zip(grid.regions, ks, strict=True))
     gdest = torch.empty(b, k_total, dtype=torch.long, device=x.device)
     block_c = min(64, _block(c))
@@ -322,9 +317,9 @@ def toma_merge_triton(
             c,
             k_total,
             k_offset,
-            float(tau),
-            float(tie_tol),
-            float(locality),
+            float(options.tau),
+            float(options.tie_tol),
+            float(options.locality),
             *x.stride(),
             S=s,
             K=k,
@@ -340,4 +335,4 @@ def toma_merge_triton(
         unmerge_mats.append(at)
         local.append(d_out)
         k_offset += r.num_tiles * k
-    return TritonTileMerge(grid, merge_mats, unmerge_mats, gdest), local
+    return TritonTileMerge(grid, merge_mats, unmerge_mats, gdest, kernel="triton"), local

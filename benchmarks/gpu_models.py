@@ -1,14 +1,12 @@
-"""One-command GPU benchmark: real-size SDXL UNet and Flux-dev transformer (random weights, bf16, 1024px).
-
-Per model and batch size: unpatched vs ToMA 0.5 vs ToMeSD 0.5 vs ToDo 2 (eager, torch SDPA through diffusers'
-``native`` backend); unpatched and ToMA with flash-attn (``model.set_attention_backend("flash")``) where
-``flash_attn`` is installed and the model's attention goes through diffusers' dispatch (Flux; not the SDXL UNet, whose
-``AttnProcessor2_0`` calls torch SDPA itself); unpatched and ToMA under ``torch.compile`` (default inductor mode,
-static shapes). 1024px: SDXL latent 128x128 (77 text tokens), Flux packed grid 64x64 = 4096 image + 512 text tokens.
-Placements: ToMA's defaults (SDXL: both attention levels; Flux: all but the first five blocks of each kind); ToMeSD
-and ToDo at SDXL's 64x64-token level (``max_downsample=2``; their default, 1, does nothing on SDXL) and on Flux's
-default blocks. ``--tiny``: tiny-sdxl (16x16 latent) and tiny-flux (16x16 grid, 8 text tokens, every block merged:
-it has only two of each kind) in fp32 on any device, as a smoke test.
+"""Part (b) of the GPU check (``benchmarks/gpu_check.py``): real-size SDXL UNet and Flux-dev transformer (random
+weights, bf16, 1024px): the unaccelerated model vs every method's default (``tm.ToMA()``, ``tm.ToMeSD()``,
+``tm.CAToMe()``, ``tm.ToDo()``) and ToMA tokens mode at ratio 0.5 (issue #7's configuration), eager with torch SDPA
+(through diffusers' ``native`` backend on Flux; the SDXL UNet's ``AttnProcessor2_0`` calls torch SDPA itself); the
+unaccelerated model and ToMA tokens 0.5 with torch SDPA's FlashAttention kernel forced
+(``torch.nn.attention.sdpa_kernel``; no package needed) and, with ``compiled=True``, under ``torch.compile``
+(default inductor mode, static shapes). 1024px: SDXL latent 128x128 (77 text tokens), Flux packed grid 64x64 = 4096
+image + 512 text tokens. Default batches: SDXL 2 (classifier-free guidance doubles it), Flux 1 (guidance-distilled).
+``tiny``: tiny-sdxl (16x16 latent) and tiny-flux (16x16 grid, 8 text tokens) in fp32 on any device, as a smoke test.
 
 Timing: every timed call is one full denoiser forward at a fixed timestep with ``tm.set_step(model, 0)`` before it
 (plans from scratch: the worst case for the methods' overhead; no timestep read, so no sync in compiled calls), timed
@@ -23,72 +21,55 @@ limit -- made an error here instead of a silent fall back to eager --, a recompi
 is recorded with its error and the run goes on. Peak memory: growth of ``torch.cuda.max_memory_allocated`` in one
 untimed call (on the CPU: sampled RSS growth), ``tokenmerge.harness.bench.peak_memory``.
 
-Merge overhead (ToMA tokens and keys/values modes, ToMeSD): R more calls of the patched model in which every call of the
-method's ``plan`` and of the returned plans' ``merge`` and ``unmerge`` (keys/values plans: ``kv``, the gather of the
-kept keys' tokens) is timed where it runs (instance attributes on the method and the plans wrap them, removed
-afterwards): CUDA event pairs around each, read after the forward, so nothing synchronises inside it; ``perf_counter``
-on the CPU. This counts what a real call does: selection and merge weights where the first block of a reuse group plans,
-cache hits where later blocks reuse its plan (ToMA), one merge and one unmerge per merged sub-module (UNet:
-self-attention, cross-attention queries, MLP; Flux: the attention of double-stream blocks, the attention + MLP span of
-single-stream blocks). ``overhead_share`` is the median over the R calls of (plan + merge + unmerge or kv) / that call's
-time; per phase, the median seconds are reported too. Not counted: the hooks' Python bookkeeping, the text-prefix
-concatenation around Flux spans and the per-sample rotary tables (they replace the model's own rotation). An event pair
-measures the stream time between its two points: where the GPU waits for the CPU (launch-bound), that includes launching
-the wrapped work, which is then real cost too.
+Merge overhead (ToMA in both modes, ToMeSD): R more calls of the patched model in which every call of the method's
+``plan`` and of the returned plans' ``merge`` and ``unmerge`` (keys/values plans: ``kv``) is timed where it runs
+(instance attributes on the method and the plans wrap them, removed afterwards): CUDA event pairs around each, read
+after the forward, so nothing synchronises inside it; ``perf_counter`` on the CPU. ``overhead_share`` is the median
+over the R calls of (plan + merge + unmerge or kv) / that call's time. Not counted: the hooks' Python bookkeeping, the
+text-prefix concatenation around Flux spans and the per-sample rotary tables. An event pair measures the stream time
+between its two points: where the GPU waits for the CPU (launch-bound), that includes launching the wrapped work.
 
-Speedups are against the unpatched configuration of the same mode (eager SDPA, eager flash, compiled). ``toma-0.5`` is
-issue #7's configuration (tokens mode; on Flux also the default); on SDXL ``toma-kv-0.5`` is ToMA's default there
-(keys/values mode at the finest level). Targets (issue #7, ratio 0.5, 1024px): ``toma-0.5`` >= 1.4x on both models,
-overhead <= 5% of the denoiser time, compiled ToMA's speedup over compiled unpatched >= the eager one; they are checked
-per model and batch under ``targets`` in the JSON.
+Speedups are against the unpatched configuration of the same mode (eager SDPA, flash, compiled). Targets (issue #7,
+ratio 0.5, 1024px): ``toma-tokens-0.5`` >= 1.4x, overhead <= 5% of the denoiser time, compiled ToMA's speedup over
+compiled unpatched >= the eager one; checked per model and batch under ``targets``.
 
-Budget (one H100, 5 rounds R): per model and batch, 4 eager configurations (SDXL: 5) x (warm-up, FLOP count, memory, R
-rounds) + R instrumented calls each for ToMA and ToMeSD (SDXL: and ToMA kv) + 2 flash x (2 + R) + 2 compiled x (4 + R) =
-74 denoiser calls (60 without flash; SDXL 86 / 72), many of them cheaper than an unpatched one. Unpatched at 1024px
-(FLOPs measured with ``torch.utils.flop_counter`` in this project's notes): SDXL 6.76 TFLOP at batch 1, Flux-dev 74.
-Flux at batches 1 and 2: at most 74 x 222 = 16,400 TFLOP, 27-41 s at 400-600 TFLOP/s effective; SDXL: at most 72 x 20.3
-= 1,500 TFLOP, a few seconds at that rate. The rest of the 8 minutes goes to the model builds and the 8 compile
-warm-ups, which this estimate cannot bound: ``compile_s`` per configuration and ``wall_s`` in the JSON say what they
-took; trim with ``--batches 1`` or ``--no-compile``. The JSON is rewritten after every model and batch (``complete``
-false until the end), so an interrupted run keeps what it finished.
-
-    python benchmarks/gpu.py --out results/gpu.json
-    python benchmarks/gpu.py --tiny --no-compile --rounds 1 --out /tmp/gpu.json   # CPU smoke test
+Budget (one H200, R = 5): per model and batch, 6 eager configurations x (warm-up, FLOP count, memory, R rounds) + R
+instrumented calls for 3 of them + 2 flash x (2 + R) = 77 denoiser calls, most cheaper than an unpatched one. At
+1024px an unpatched call is 6.76 TFLOP (SDXL, batch 1) and 74 TFLOP (Flux-dev, batch 1): at most 2 x 77 x 6.76 +
+77 x 74 = 6,700 TFLOP, about 15 s at 450 TFLOP/s effective; the model builds (Flux-dev: 12B parameters initialised
+on the GPU) take longer. Compiling real-size models (``compiled=True``) adds minutes: off by default.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import gc
-import importlib.metadata
-import importlib.util
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from _common import print_table, summarise, write_results
+from _common import print_table, summarise
 from torch import nn
 
 import tokenmerge as tm
 from tokenmerge.archs import UNET_CONFIGS, build_dit, build_unet
 from tokenmerge.flops import count_flops
 from tokenmerge.harness.bench import denoiser_target, peak_memory, time_call
-from tokenmerge.harness.models import denoiser_inputs, resolve_device
-from tokenmerge.harness.registry import HarnessError
+from tokenmerge.harness.models import denoiser_inputs
 from tokenmerge.plans import KVPlan, MergePlan
 
 SPEEDUP_TARGET = 1.4
 OVERHEAD_TARGET = 0.05
-#: Every block of both kinds (tiny-flux has two of each, all inside the default's first five).
+#: Every block of both kinds.
 FLUX_ALL = {"double": (0, None), "single": (0, None)}
+#: The configuration the targets are checked on: ToMA tokens mode at ratio 0.5 (issue #7).
+TOMA_TOKENS = "toma-tokens-0.5"
 #: Configurations whose merge overhead is measured.
-OVERHEAD = frozenset({"toma-0.5", "toma-kv-0.5", "tomesd-0.5"})
+OVERHEAD = frozenset({TOMA_TOKENS, "toma", "tomesd"})
 #: What a plan does per merged sub-module: merge and unmerge tokens, or (keys/values plans) gather the kept keys.
 PLAN_WORK = {MergePlan: ("merge", "unmerge"), KVPlan: ("kv",)}
 COLUMNS = ("median_s", "speedup", "flop_ratio", "realised", "peak_mem_mib", "overhead_share", "compile_s")
@@ -108,12 +89,14 @@ MODELS = {
     "sdxl": (ModelSpec("sdxl", 128, 77), ModelSpec("tiny-sdxl", 16, 77)),
     "flux": (ModelSpec("flux-dev", 64, 512), ModelSpec("tiny-flux", 16, 8)),
 }
+#: model -> default batch sizes (SDXL runs classifier-free guidance in one batch of 2; Flux-dev is distilled).
+BATCHES = {"sdxl": (2,), "flux": (1,)}
 
 
 @dataclass(frozen=True)
 class Config:
-    """One measured configuration: a method (``None``: unpatched) in a mode (``""`` eager SDPA, ``flash`` or
-    ``compiled``)."""
+    """One measured configuration: a method (``None``: unpatched) in a mode (``""`` eager SDPA, ``flash`` (torch SDPA's
+    FlashAttention kernel forced) or ``compiled``)."""
 
     label: str
     method: tm.Method | None
@@ -129,40 +112,25 @@ class Config:
         return Config("baseline", None, self.mode).name
 
 
-def methods(model: str, tiny: bool) -> dict[str, tm.Method | None]:
-    """label -> method of the eager configurations of ``model`` (``sdxl`` or ``flux``)."""
-    if model == "sdxl":
-        return {
-            "baseline": None,
-            "toma-0.5": tm.ToMA(ratio=0.5, mode="tokens"),  # issue #7's configuration: whole blocks, levels <= 4x
-            "toma-kv-0.5": tm.ToMA(ratio=0.5),  # the default on UNets (mode "auto"): keys/values, finest level
-            "tomesd-0.5": tm.ToMeSD(ratio=0.5, max_downsample=2),
-            "todo-2": tm.ToDo(factor=2, max_downsample=2),
-        }
-    blocks = FLUX_ALL if tiny else None
+def methods() -> dict[str, tm.Method | None]:
+    """label -> method of the eager configurations: unpatched, ToMA tokens 0.5, every method's default."""
     return {
         "baseline": None,
-        "toma-0.5": tm.ToMA(ratio=0.5, blocks=blocks),
-        "tomesd-0.5": tm.ToMeSD(ratio=0.5, blocks=blocks),
-        "todo-2": tm.ToDo(factor=2, blocks=blocks),
+        TOMA_TOKENS: tm.ToMA(ratio=0.5, mode="tokens"),  # UNets: whole blocks at levels <= 4x; Flux: the default
+        "toma": tm.ToMA(),  # UNets: keys/values at the finest level; Flux: tokens (mode "auto")
+        "tomesd": tm.ToMeSD(),
+        "catome": tm.CAToMe(),
+        "todo": tm.ToDo(),
     }
 
 
-def configurations(model: str, tiny: bool, flash: bool, compiled: bool) -> list[Config]:
-    """Eager configurations of every method, then unpatched and ToMA with flash-attn and compiled."""
-    table = methods(model, tiny)
+def configurations(flash: bool, compiled: bool) -> list[Config]:
+    """Eager configurations of every method, then unpatched and ToMA tokens 0.5 with flash and compiled."""
+    table = methods()
     configs = [Config(label, method) for label, method in table.items()]
     for mode, on in (("flash", flash), ("compiled", compiled)):
-        configs += [Config(label, table[label], mode) for label in ("baseline", "toma-0.5") if on]
+        configs += [Config(label, table[label], mode) for label in ("baseline", TOMA_TOKENS) if on]
     return configs
-
-
-def select(configs: list[Config], names: list[str] | None) -> list[Config]:
-    """The configurations named (with ``baseline`` and each one's reference); all if ``names`` is ``None``."""
-    if names is None:
-        return configs
-    keep = {"baseline", *names} | {c.reference for c in configs if c.name in names}
-    return [c for c in configs if c.name in keep]
 
 
 @contextlib.contextmanager
@@ -183,42 +151,30 @@ def build_model(arch: str, device: torch.device, dtype: torch.dtype) -> nn.Modul
         return build(arch, dtype)
 
 
-def flash_skip_reason(model: nn.Module, device: torch.device) -> str | None:
-    """Why flash-attn configurations cannot run on ``model`` here, or ``None`` if they can."""
+def flash_skip_reason(device: torch.device) -> str | None:
+    """Why flash configurations cannot run here, or ``None`` if they can: torch's FlashAttention kernel needs a GPU
+    of compute capability 8.0 or more."""
     if device.type != "cuda":
-        return "flash-attn needs CUDA"
-    if importlib.util.find_spec("flash_attn") is None:
-        return "flash_attn is not installed"
-    if not any(hasattr(getattr(m, "processor", None), "_attention_backend") for m in model.modules()):
-        return "its attention processors call torch SDPA directly, not diffusers' backend dispatch"
+        return "torch's FlashAttention kernel is measured on CUDA only"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "torch's FlashAttention kernel needs compute capability >= 8.0"
     return None
-
-
-def set_backend(model: nn.Module, backend: str) -> None:
-    """diffusers' attention backend of ``model`` (its 'experimental feature' warning silenced)."""
-    from diffusers.utils import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        model.set_attention_backend(backend)
-    finally:
-        logging.set_verbosity(level)
 
 
 @contextlib.contextmanager
 def patched(model: nn.Module, config: Config) -> Iterator[None]:
-    """``model`` with the configuration's attention backend and method; both undone on exit."""
-    try:
+    """``model`` with the configuration's method (and, in flash mode, torch SDPA's flash kernel); undone on exit."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with contextlib.ExitStack() as stack:
         if config.mode == "flash":
-            set_backend(model, "flash")
-        if config.method is not None:
-            tm.apply(model, config.method)
-        yield
-    finally:
-        tm.remove(model)
-        if config.mode == "flash":
-            set_backend(model, "native")
+            stack.enter_context(sdpa_kernel(SDPBackend.FLASH_ATTENTION))
+        try:
+            if config.method is not None:
+                tm.apply(model, config.method)
+            yield
+        finally:
+            tm.remove(model)
 
 
 def describe(exc: BaseException) -> str:
@@ -471,7 +427,7 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     checks = []
     for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
         group = {r["config"]: r for r in rows if r["model"] == model and r["batch"] == batch}
-        eager, compiled = group.get("toma-0.5", {}), group.get("toma-0.5@compiled", {})
+        eager, compiled = group.get(TOMA_TOKENS, {}), group.get(f"{TOMA_TOKENS}@compiled", {})
         speedup, share, comp = eager.get("speedup"), eager.get("overhead_share"), compiled.get("speedup")
         checks.append(
             dict(
@@ -488,19 +444,6 @@ def check_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return checks
 
 
-def versions(device: torch.device) -> dict[str, Any]:
-    """GPU name and library versions for the JSON."""
-
-    def version(package: str) -> str | None:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return dict(gpu=gpu, cuda=torch.version.cuda, **{p: version(p) for p in ("diffusers", "flash-attn", "triton")})
-
-
 def configure_dynamo() -> None:
     """Make dynamo's recompile limit an error: past it, dynamo silently runs the frame eagerly, which would time an
     eager model under a compiled label."""
@@ -510,87 +453,45 @@ def configure_dynamo() -> None:
         torch._dynamo.config.fail_on_recompile_limit_hit = True
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 2])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile configurations")
-    parser.add_argument("--tiny", action="store_true", help="tiny-sdxl / tiny-flux in fp32 (CPU smoke test)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-    parser.add_argument("--configs", nargs="+", help="run only these configurations (and their references)")
-    parser.add_argument("--out", type=Path, default=Path("results/gpu.json"))
-    args = parser.parse_args(argv)
-    if args.rounds < 1 or min(args.batches) < 1:
-        parser.error("--rounds and --batches must be >= 1")
-    try:
-        args.device = resolve_device(args.device)
-    except HarnessError as exc:
-        parser.error(str(exc))
-    if not args.tiny and args.device.type != "cuda":
-        parser.error("real-size models need a CUDA GPU; use --tiny for the CPU smoke test")
-    if args.configs:
-        known = {c.name for m in args.models for c in configurations(m, args.tiny, True, not args.no_compile)}
-        unknown = set(args.configs) - known
-        if unknown:
-            parser.error(f"unknown configurations {sorted(unknown)}; choose from {sorted(known)}")
-    return args
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def run_models(
+    names: list[str],
+    device: torch.device,
+    tiny: bool,
+    rounds: int,
+    batches: dict[str, tuple[int, ...]] | None = None,
+    compiled: bool = False,
+    report: Callable[[list[dict[str, Any]], list[str]], None] | None = None,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Part (b): every configuration on each model of ``names`` (``sdxl``, ``flux``) and batch; result rows and
+    notes. ``report(rows, notes)`` is called after each model and batch (the caller rewrites its JSON: an interrupted
+    run keeps what it finished)."""
     configure_dynamo()
-    start = time.perf_counter()
-    device, dtype = args.device, torch.float32 if args.tiny else torch.bfloat16
-    meta: dict[str, Any] = dict(
-        tiny=args.tiny,
-        dtype=str(dtype).removeprefix("torch."),
-        rounds=args.rounds,
-        device=str(device),
-        **versions(device),
-        notes=[],
-    )
+    dtype = torch.float32 if tiny else torch.bfloat16
     rows: list[dict[str, Any]] = []
-    for model_name in args.models:
-        spec = MODELS[model_name][args.tiny]
+    notes: list[str] = []
+    skip = flash_skip_reason(device)
+    if skip is not None:
+        notes.append(f"flash configurations skipped: {skip}")
+    for name in names:
+        spec = MODELS[name][tiny]
         built = time.perf_counter()
         model = build_model(spec.arch, device, dtype)
         print(f"{spec.arch}: built on {device} in {time.perf_counter() - built:.1f} s", flush=True)
-        skip = flash_skip_reason(model, device)
-        if skip is not None:
-            meta["notes"].append(f"{model_name}: flash-attn configurations skipped: {skip}")
-        configs = configurations(model_name, args.tiny, skip is None, not args.no_compile)
-        configs = select(configs, args.configs)
-        for batch in args.batches:
+        configs = configurations(skip is None, compiled)
+        for batch in (batches or BATCHES)[name]:
             print(f"{spec.arch}, batch {batch}, {spec.size}x{spec.size} latent:", flush=True)
             inputs = denoiser_inputs(model, batch, spec.size, spec.size, text=spec.text)
-            group = bench_group(model, inputs, configs, device, args.rounds)
+            group = bench_group(model, inputs, configs, device, rounds)
             print_table(group, COLUMNS)
             for row in group:
                 for key in ("error", "overhead_error"):
                     if key in row:
                         print(f"  {row['config']}: {key.replace('_', ' ')}: {row[key]}")
-            rows += [
-                dict(model=model_name, arch=spec.arch, batch=batch, size=spec.size, text=spec.text) | r for r in group
-            ]
-            meta["wall_s"] = round(time.perf_counter() - start, 1)
-            write_results(args.out, rows, dict(targets=check_targets(rows), complete=False), **meta)
+            rows += [dict(model=name, arch=spec.arch, batch=batch, size=spec.size, text=spec.text) | r for r in group]
+            if report is not None:
+                report(rows, notes)
         del model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    targets = check_targets(rows)
-    for check in targets:
-        print(
-            f"{check['model']} batch {check['batch']}: ToMA {check['toma_speedup']}x (>= {SPEEDUP_TARGET}: "
-            f"{check['speedup_ok']}), overhead {check['overhead_share']} (<= {OVERHEAD_TARGET}: "
-            f"{check['overhead_ok']}), compiled {check['compiled_speedup']}x (>= eager: {check['compiled_ok']})"
-        )
-    for note in meta["notes"]:
-        print(f"note: {note}")
-    meta["wall_s"] = round(time.perf_counter() - start, 1)
-    write_results(args.out, rows, dict(targets=targets, complete=True), **meta)
-
-
-if __name__ == "__main__":
-    main()
+    return rows, notes
