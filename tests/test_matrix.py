@@ -89,9 +89,10 @@ def denoiser_attention(pipe, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[t
 @pytest.mark.parametrize("method", [tm.ToMA(), tm.ToMeSD(), tm.CAToMe(), tm.ToDo()], ids=lambda m: type(m).__name__)
 def test_every_default_runs_and_merges(pipe, method: tm.Method) -> None:
     """Each method as constructed without options, through the stock call of every family (SD3: CA-ToMe's
-    ``batch="auto"`` takes the batch minimum there), merges, without a warning."""
+    ``batch="auto"`` takes the batch minimum there), merges, without a warning that it merged nothing (a cut under
+    10% of the FLOPs is reported: the baselines' defaults on these tiny models)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="tokenmerge")
+        warnings.filterwarnings("error", message="tokenmerge: .*(merged nothing|patches no block)")
         tm.apply(pipe, method)
         run(pipe)
     summary = tm.summary(pipe)

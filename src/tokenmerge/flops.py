@@ -36,8 +36,13 @@ class FlopCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         formula = FORMULAS.get(func._overloadpacket)
+        if formula is None:  # a composite op that reached the mode whole (e.g. linear under inference_mode)
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
         if formula is not None:
             self.total += formula(*tree_map(_shape, args), **tree_map(_shape, kwargs), out_val=out)
         return out
