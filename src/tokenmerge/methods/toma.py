@@ -72,10 +72,9 @@ class ToMA(FlagRoles, Method):
         ratio: fraction of tokens removed in each tile, in ``[0, 1)``; 0 leaves the model untouched.
         tile: ``(tile_h, tile_w)`` of the local windows in which destinations are chosen and tokens merged (an
             integer ``t``: ``(t, t)``).
-        tau: softmax temperature of the merge assignment (large = nearly hard assignment), positive and finite. 100
-            (not the nearly hard 1000 used before): on the 64x64 reference UNet a generation then moves by 1.2e-6
-            instead of 1.3e-3 under 1e-6 input noise, at -0.4 dB PSNR there and +0.1 dB on the reference Flux
-            (docs/benchmarks.md, "Why each default").
+        tau: softmax temperature of the merge assignment ``softmax(tau * cos)`` over a tile's destinations, positive
+            and finite: large is nearly hard (each token to its most similar destination), small spreads a token over
+            several (smoother under input noise, blurrier); docs/benchmarks.md says why the default is 300.
         tie_tol: destination selection treats gains within ``tie_tol`` per tile token of the best as tied and takes
             the lowest index among them, so rounding noise (batch mates, attention backend, compiler) cannot flip
             picks; 0 keeps exact ties only.
@@ -111,7 +110,7 @@ class ToMA(FlagRoles, Method):
 
     ratio: float = 0.5
     tile: tuple[int, int] = (4, 4)
-    tau: float = 100.0
+    tau: float = 300.0
     tie_tol: float = TIE_TOL
     locality: float = 0.0
     merge_attn: bool = True
